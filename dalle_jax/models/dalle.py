@@ -1,0 +1,242 @@
+"""DALL·E (Ramesh et al., 2021): one decoder-only transformer over text + image codes.
+
+The stream is `[start, text_0 .. text_{L-1}, img_0 .. img_{N-2}]` (length L + N),
+and the output at index q predicts `text_q` for q < L and `img_{q-L}` for q >= L,
+so every text token and every image code is a target. Text and image codes have
+separate vocabularies, embeddings and output heads: the image head has exactly
+`image_vocab_size` outputs, so only valid codes can ever be predicted at image
+positions. Padding is position-specific (paper, §2.2): the pad at text position
+i is token `text_vocab_size + i` (see `pad_text`).
+
+Positions: a learned table for text; row + column tables for the image grid.
+
+Attention is causal. With `attention="sparse"` layer i (1-based) of n uses, as in
+the paper (App. B.1): column attention when (i - 2) % 4 == 0, row attention
+otherwise, and convolutional attention in the last layer. Image queries always
+see every text position. The masks are applied densely (same FLOPs as full
+attention): they reproduce the model's connectivity, not the sparse kernels' speed.
+
+Shapes: B batch, L text length, N image codes, T = L + N stream length, D width,
+V vocabulary, P number of distinct mask patterns.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax.models import layers
+
+PATTERNS = ("full", "row", "column", "conv")
+
+
+def layer_patterns(num_layers, attention="full"):
+  """Per-layer pattern names: all 'full', or the paper's sparse cycle."""
+  if attention == "full":
+    return ["full"] * num_layers
+  if attention != "sparse":
+    raise ValueError(f"model.attention={attention!r}: expected 'full' or 'sparse'")
+  pats = []
+  for i in range(1, num_layers + 1):
+    if i == num_layers:
+      pats.append("conv")
+    elif (i - 2) % 4 == 0:
+      pats.append("column")
+    else:
+      pats.append("row")
+  return pats
+
+
+def attention_masks(text_len, grid_h, grid_w, patterns=PATTERNS, conv_kernel=11):
+  """(P, T, T) bool numpy masks over the stream, True = query may attend key.
+
+  All are causal. Text queries (and the start) attend causally to everything.
+  Image queries attend to every text position; among image keys the pattern
+  decides, in terms of the *input* codes at query/key (code j at (r, c) sits at
+  stream index L + 1 + j):
+    row:    the previous grid_w codes and itself (a window spanning one row)
+    column: codes in the same column
+    conv:   codes within a conv_kernel x conv_kernel window around itself
+  """
+  t = text_len + grid_h * grid_w
+  pos = np.arange(t)
+  causal = pos[None, :] <= pos[:, None]
+  code = pos - text_len - 1  # index of the input code at each position (< 0: not a code)
+  is_code = code >= 0
+  row, col = code // grid_w, code % grid_w
+  both = is_code[:, None] & is_code[None, :]
+  dq_k = code[:, None] - code[None, :]
+  half = conv_kernel // 2
+  rules = {
+      "full": np.ones((t, t), bool),
+      "row": dq_k <= grid_w,
+      "column": (dq_k % grid_w) == 0,
+      "conv": (np.abs(row[:, None] - row[None, :]) <= half) &
+              (np.abs(col[:, None] - col[None, :]) <= half),
+  }
+  return np.stack([causal & (~both | rules[p]) for p in patterns])
+
+
+def pad_text(ids, mask, text_vocab_size):
+  """Replaces padding (mask False) with position-specific pad ids V + i."""
+  ids = jnp.asarray(ids)
+  pads = text_vocab_size + jnp.arange(ids.shape[-1], dtype=ids.dtype)
+  return jnp.where(jnp.asarray(mask, bool), ids, pads)
+
+
+class SparseBlock(nn.Module):
+  """A PreLNBlock that picks its own mask from a shared table by pattern id.
+
+  (x, mask_table (P, T, S) | None, pattern_id ()) -> (x, None): scan-friendly,
+  each layer receives only an int, the table is broadcast.
+  """
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  activation: str = "gelu"
+  use_bias: bool = True
+  decode: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd, mask_table, pattern_id):
+    mask = None if mask_table is None else mask_table[pattern_id]
+    block = layers.PreLNBlock(
+        self.num_heads, self.head_dim, self.mlp_dim, activation=self.activation,
+        use_bias=self.use_bias, decode=self.decode, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="block")
+    return block(x_btd, None, mask)
+
+
+class DalleTransformer(nn.Module):
+  """Decoder-only text->image transformer (see module docstring)."""
+  text_vocab_size: int = 16384
+  text_len: int = 256
+  image_vocab_size: int = 8192
+  image_grid: int = 32  # square grid: image_grid**2 codes
+  num_layers: int = 64
+  d_model: int = 3968
+  num_heads: int = 62
+  mlp_dim: int = 0  # 0 = 4 * d_model
+  attention: str = "full"  # full | sparse
+  conv_kernel: int = 11
+  dtype: Any = jnp.bfloat16
+  param_dtype: Any = jnp.float32
+  remat: str = "none"
+  scan: bool = False
+  decode: bool = False
+
+  @property
+  def num_codes(self):
+    return self.image_grid ** 2
+
+  @property
+  def seq_len(self):
+    return self.text_len + self.num_codes
+
+  def setup(self):
+    d = self.d_model
+    if d % self.num_heads:
+      raise ValueError(f"model.d_model={d} is not divisible by model.num_heads={self.num_heads}")
+    emb = lambda n, name: layers.Embed(n, d, name=name, dtype=self.dtype,
+                                       param_dtype=self.param_dtype)
+    table = lambda name, n: layers.param_with_axes(
+        self, name, nn.initializers.normal(0.02), (n, d), ("length", "embed"), self.param_dtype)
+    self.text_embed = emb(self.text_vocab_size + self.text_len, "text_embed")
+    self.image_embed = emb(self.image_vocab_size, "image_embed")
+    self.start = layers.param_with_axes(self, "start", nn.initializers.normal(0.02), (d,),
+                                        ("embed",), self.param_dtype)
+    self.text_pos = table("text_pos", self.text_len)
+    self.row_pos = table("row_pos", self.image_grid)
+    self.col_pos = table("col_pos", self.image_grid)
+    pats = layer_patterns(self.num_layers, self.attention)
+    self._patterns = tuple(p for p in PATTERNS if p in pats)
+    self._pattern_ids = np.array([self._patterns.index(p) for p in pats], np.int32)
+    self.stack = layers.Stack(
+        SparseBlock,
+        dict(num_heads=self.num_heads, head_dim=d // self.num_heads,
+             mlp_dim=self.mlp_dim or 4 * d, decode=self.decode, dtype=self.dtype,
+             param_dtype=self.param_dtype),
+        num_layers=self.num_layers, remat=self.remat, scan=self.scan, name="layers")
+    self.final_ln = layers.LayerNorm("final_ln", param_dtype=self.param_dtype)
+    head = lambda n, name: layers.Dense(n, ("embed", "vocab"), name=name, use_bias=False,
+                                        dtype=self.dtype, param_dtype=self.param_dtype,
+                                        kernel_init=nn.initializers.normal(0.02))
+    self.text_head = head(self.text_vocab_size + self.text_len, "text_head")
+    self.image_head = head(self.image_vocab_size, "image_head")
+
+  # --- embeddings ------------------------------------------------------------
+  def _embed_text(self, text_bl):
+    x = self.text_embed(text_bl) + self.text_pos[:text_bl.shape[1]].astype(self.dtype)
+    start = jnp.broadcast_to(self.start.astype(self.dtype), (text_bl.shape[0], 1, self.d_model))
+    return jnp.concatenate([start, x.astype(self.dtype)], axis=1)  # (B, 1 + L, D)
+
+  def _embed_codes(self, codes_bn, first):
+    j = first + jnp.arange(codes_bn.shape[1])
+    pos = self.row_pos[j // self.image_grid] + self.col_pos[j % self.image_grid]
+    return (self.image_embed(codes_bn) + pos.astype(self.dtype)).astype(self.dtype)
+
+  def _run(self, x_btd, first_pos, use_mask):
+    """Transformer body over stream positions [first_pos, first_pos + t)."""
+    t = x_btd.shape[1]
+    x_btd = layers.constrain(x_btd, ("batch", "length", "embed"))
+    table = None
+    if use_mask:
+      full = jnp.asarray(attention_masks(self.text_len, self.image_grid, self.image_grid,
+                                         self._patterns, self.conv_kernel))
+      table = jax.lax.dynamic_slice_in_dim(full, first_pos, t, axis=1)  # (P, t, T)
+      if not self.decode:
+        table = table[:, :, :t]
+    h = self.stack(x_btd, table, layer_args=jnp.asarray(self._pattern_ids))
+    return self.final_ln(h)
+
+  # --- training / teacher forcing -------------------------------------------
+  def __call__(self, text_bl, codes_bn):
+    """Logits for every target: text (B, L, Vt + L) and image (B, N, Vi), f32.
+
+    text_bl must already carry position-specific pads (`pad_text`).
+    """
+    if codes_bn.shape[1] != self.num_codes:
+      raise ValueError(f"expected {self.num_codes} image codes per example "
+                       f"(model.image_grid={self.image_grid}), got {codes_bn.shape[1]}")
+    x = jnp.concatenate([self._embed_text(text_bl), self._embed_codes(codes_bn[:, :-1], 0)], 1)
+    # In decode mode this call only sizes the caches; the stream's own causal
+    # mask then comes from the cache, so only sparse patterns need a table.
+    h = self._run(x, 0, use_mask=not self.decode or self.attention != "full")
+    L = self.text_len
+    text_logits = self.text_head(h[:, :L]).astype(jnp.float32)
+    image_logits = self.image_head(h[:, L:]).astype(jnp.float32)
+    return text_logits, image_logits
+
+  # --- KV-cache decoding (decode=True) --------------------------------------
+  def prefill(self, text_bl):
+    """Runs start + text through the cache; returns logits for img_0 (B, Vi)."""
+    h = self._run(self._embed_text(text_bl), 0, use_mask=self.attention != "full")
+    return self.image_head(h[:, -1]).astype(jnp.float32)
+
+  def step(self, code_b, j):
+    """Feeds code img_j (B,) at stream index L + 1 + j; logits for img_{j+1}."""
+    x = self._embed_codes(code_b[:, None], j)
+    h = self._run(x, self.text_len + 1 + j, use_mask=self.attention != "full")
+    return self.image_head(h[:, -1]).astype(jnp.float32)
+
+  def image_logits_full(self, text_bl, codes_bn):
+    """Image logits only (no text head): used by the no-cache baseline."""
+    return self(text_bl, codes_bn)[1]
+
+
+def from_config(model_cfg, *, decode=False, dtype=None, param_dtype=None, remat=None,
+                scan=None):
+  """Builds a DalleTransformer from config.model (+ top-level numerics)."""
+  m = model_cfg
+  return DalleTransformer(
+      text_vocab_size=m.text_vocab_size, text_len=m.text_len,
+      image_vocab_size=m.image_vocab_size, image_grid=m.image_grid,
+      num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
+      mlp_dim=m.get("mlp_dim", 0), attention=m.get("attention", "full"),
+      conv_kernel=m.get("conv_kernel", 11),
+      dtype=layers.dtype_from_name(dtype or "bfloat16"),
+      param_dtype=layers.dtype_from_name(param_dtype or "float32"),
+      remat=remat or "none", scan=bool(scan), decode=decode)

@@ -1,0 +1,275 @@
+"""Shared transformer building blocks (attention, MLP, norms, embeddings, stacks).
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`,
+`vocab`, `norm`, `layers`) so that `dalle_jax.parallel` can map them onto a
+mesh; key activations are constrained with `batch`/`length`/`embed` names.
+Used by the autoregressive models (DALL·E, DALL·E mini) and CLIP alike.
+
+Shapes: B batch, T query length, S key length, D model width, H heads,
+K head dim, F MLP width, L layers.
+"""
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+NEG_INF = -1e10
+
+
+def dtype_from_name(name):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name] if isinstance(name, str) else name
+
+
+def constrain(x, names):
+  """Logical sharding constraint on an activation (no-op outside a mesh)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def dense_init(std=None):
+  return nn.initializers.normal(std) if std else nn.initializers.lecun_normal()
+
+
+class DenseGeneral(nn.Module):
+  """nn.DenseGeneral with logical axis names on kernel and bias."""
+  features: Any
+  kernel_axes: Sequence[str]
+  axis: Any = -1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    features = self.features if isinstance(self.features, tuple) else (self.features,)
+    n_out = len(features)
+    bias_axes = tuple(self.kernel_axes[-n_out:])
+    return nn.DenseGeneral(
+        features=self.features, axis=self.axis, use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+        name="dense")(x)
+
+
+def Dense(features, kernel_axes, name=None, **kw):
+  """2-D dense layer: kernel (in, out) named by `kernel_axes`."""
+  return nn.Dense(
+      features, name=name,
+      kernel_init=nn.with_logical_partitioning(kw.pop("kernel_init", nn.initializers.lecun_normal()), tuple(kernel_axes)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_axes[-1],)),
+      **kw)
+
+
+def LayerNorm(name=None, use_bias=True, use_scale=True, epsilon=1e-5, dtype=jnp.float32,
+              param_dtype=jnp.float32):
+  """LayerNorm computed in f32 for stability; parameters named ('norm',)."""
+  return nn.LayerNorm(
+      epsilon=epsilon, use_bias=use_bias, use_scale=use_scale, dtype=dtype,
+      param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+def Embed(num_embeddings, features, name=None, std=0.02, dtype=jnp.float32,
+          param_dtype=jnp.float32, axes=("vocab", "embed")):
+  return nn.Embed(
+      num_embeddings, features, dtype=dtype, param_dtype=param_dtype, name=name,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes))
+
+
+def param_with_axes(module, name, init, shape, axes, dtype=jnp.float32):
+  """A raw parameter with logical names (positional tables, class tokens...)."""
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "swish": nn.swish,
+    "relu": nn.relu,
+}
+
+
+def causal_mask(t, s=None):
+  """(T, S) bool: query i may attend key j <= i (+ offset when S > T)."""
+  s = t if s is None else s
+  return jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + (s - t))
+
+
+class Attention(nn.Module):
+  """Multi-head dot-product attention with an optional autoregressive KV cache.
+
+  mask: bool, broadcastable to (B, H, T, S); True = may attend.
+  With `decode=True` the keys/values of each call are written into a 'cache'
+  collection at `cache_index` and the queries attend to everything cached so
+  far (key position <= query position), so a prompt can be prefilled in one
+  call and then extended one token at a time inside a compiled loop.
+  """
+  num_heads: int
+  head_dim: int
+  out_features: Optional[int] = None
+  use_bias: bool = False
+  decode: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x_btd, kv_bsd=None, mask=None):
+    kv_bsd = x_btd if kv_bsd is None else kv_bsd
+    d_out = self.out_features or x_btd.shape[-1]
+    proj = lambda name, axes, feats, axis=-1: DenseGeneral(
+        feats, axes, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
+    hk = (self.num_heads, self.head_dim)
+    q_bthk = proj("query", ("embed", "heads", "kv"), hk)(x_btd)
+    k_bshk = proj("key", ("embed", "heads", "kv"), hk)(kv_bsd)
+    v_bshk = proj("value", ("embed", "heads", "kv"), hk)(kv_bsd)
+    q_bthk = constrain(q_bthk, ("batch", "length", "heads", "kv"))
+    k_bshk = constrain(k_bshk, ("batch", "length", "heads", "kv"))
+    v_bshk = constrain(v_bshk, ("batch", "length", "heads", "kv"))
+
+    if self.decode:
+      k_bshk, v_bshk, cache_mask = self._update_cache(k_bshk, v_bshk)
+      if cache_mask is not None:
+        mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
+
+    q_bthk = q_bthk / jnp.sqrt(self.head_dim).astype(self.dtype)
+    logits_bhts = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk,
+                             preferred_element_type=jnp.float32)
+    if mask is not None:
+      logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
+    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(self.dtype)
+    out_bthk = jnp.einsum("bhts,bshk->bthk", probs_bhts, v_bshk)
+    out_btd = DenseGeneral(d_out, ("heads", "kv", "embed"), axis=(-2, -1),
+                           use_bias=self.use_bias, dtype=self.dtype,
+                           param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                           name="out")(out_bthk)
+    return constrain(out_btd, ("batch", "length", "embed"))
+
+  def _update_cache(self, k_bthk, v_bthk):
+    """Writes new keys/values at cache_index; returns full cache + causal mask."""
+    initialized = self.has_variable("cache", "cached_key")
+    ck = self.variable("cache", "cached_key", jnp.zeros, k_bthk.shape, k_bthk.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, v_bthk.shape, v_bthk.dtype)
+    ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:  # init call: sizes the cache from the full-length input
+      return k_bthk, v_bthk, None
+    t = k_bthk.shape[1]
+    s = ck.value.shape[1]
+    idx = ci.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k_bthk.astype(ck.value.dtype), (0, idx, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v_bthk.astype(cv.value.dtype), (0, idx, 0, 0))
+    ci.value = idx + t
+    # query i (absolute position idx + i) sees keys at positions <= idx + i
+    mask_ts = jnp.arange(s)[None, :] <= (idx + jnp.arange(t))[:, None]
+    return ck.value, cv.value, mask_ts[None, None]
+
+
+class Mlp(nn.Module):
+  """Feed-forward: act(x W1) W2, or GLU act(x W1) * (x W1') W2 (DALL·E mini).
+
+  `inner_norm` adds the NormFormer LayerNorm after the activation.
+  """
+  hidden: int
+  out_features: Optional[int] = None
+  activation: str = "gelu"
+  glu: bool = False
+  use_bias: bool = True
+  inner_norm: bool = False
+  norm_use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd):
+    d_out = self.out_features or x_btd.shape[-1]
+    dense = lambda feats, axes, name: Dense(feats, axes, name=name, use_bias=self.use_bias,
+                                            dtype=self.dtype, param_dtype=self.param_dtype)
+    act = ACTIVATIONS[self.activation]
+    h_btf = act(dense(self.hidden, ("embed", "mlp"), "wi")(x_btd))
+    if self.glu:
+      h_btf = h_btf * dense(self.hidden, ("embed", "mlp"), "wi_gate")(x_btd)
+    h_btf = constrain(h_btf, ("batch", "length", "mlp"))
+    if self.inner_norm:
+      h_btf = LayerNorm("inner_norm", use_bias=self.norm_use_bias,
+                        param_dtype=self.param_dtype)(h_btf).astype(self.dtype)
+    return dense(d_out, ("mlp", "embed"), "wo")(h_btf)
+
+
+class PreLNBlock(nn.Module):
+  """x + Attn(LN(x)); x + MLP(LN(x)) — GPT-2 / CLIP / DALL·E transformer block.
+
+  Call signature is scan-friendly: (x, mask, layer_mask) -> (x, None), where
+  `layer_mask` is this layer's own attention mask (DALL·E sparse patterns) or None.
+  """
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  activation: str = "gelu"
+  use_bias: bool = True
+  decode: bool = False
+  ln_epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_btd, mask=None, layer_mask=None):
+    if layer_mask is not None:
+      mask = layer_mask if mask is None else jnp.logical_and(mask, layer_mask)
+    ln = lambda name: LayerNorm(name, epsilon=self.ln_epsilon, param_dtype=self.param_dtype)
+    h = ln("ln_attn")(x_btd).astype(self.dtype)
+    x_btd = x_btd + Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
+                              decode=self.decode, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="attn")(h, mask=mask)
+    h = ln("ln_mlp")(x_btd).astype(self.dtype)
+    x_btd = x_btd + Mlp(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
+    return constrain(x_btd, ("batch", "length", "embed")), None
+
+
+REMAT_POLICIES = {
+    "full": None,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+}
+
+
+class Stack(nn.Module):
+  """`num_layers` copies of `block_cls`, optionally rematerialised and scanned.
+
+  block(x, *broadcast_args, layer_arg) -> (x, None). `layer_args` (a pytree with a
+  leading L axis, or None) gives each layer its own input, e.g. its sparse mask.
+  With `scan=True` parameters get a leading 'layers' axis.
+  """
+  block_cls: Any
+  block_kwargs: Any
+  num_layers: int
+  remat: str = "none"
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x, *broadcast_args, layer_args=None):
+    block = self.block_cls
+    if self.remat != "none":
+      if self.remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {self.remat!r}; choose none|{'|'.join(REMAT_POLICIES)}")
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
+    if self.scan:
+      n_bcast = len(broadcast_args)
+      scanned = nn.scan(
+          block, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,) * n_bcast + (0 if layer_args is not None else nn.broadcast,),
+          length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(**self.block_kwargs, name="layers")(x, *broadcast_args, layer_args)
+      return x
+    for i in range(self.num_layers):
+      la = None if layer_args is None else jax.tree.map(lambda a: a[i], layer_args)
+      x, _ = block(**self.block_kwargs, name=f"layer_{i}")(x, *broadcast_args, la)
+    return x

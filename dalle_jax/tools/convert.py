@@ -1,0 +1,24 @@
+"""Import public checkpoints: `python -m dalle_jax.tools.convert KIND [args]`.
+
+KIND selects `dalle_jax.convert.<module>.main(argv)`:
+  min_dalle   min-dalle's DALL·E mini/mega files  -> checkpoint for sample.py
+  vqgan       taming / DALL·E mini VQGAN weights   -> checkpoint for tools.reconstruct
+  hf_clip     Hugging Face CLIP directory          -> checkpoint for --clip / --rerank_with
+Run `python -m dalle_jax.tools.convert KIND --help` for each one's flags.
+"""
+import importlib
+import sys
+
+KINDS = {"min_dalle": "min_dalle", "vqgan": "vqgan", "hf_clip": "hf_clip"}
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] not in KINDS:
+    sys.exit(f"usage: python -m dalle_jax.tools.convert {{{'|'.join(KINDS)}}} [flags]\n{__doc__}")
+  module = importlib.import_module(f"dalle_jax.convert.{KINDS[argv[0]]}")
+  return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+  main()

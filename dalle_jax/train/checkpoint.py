@@ -1,0 +1,193 @@
+"""Orbax checkpoints: atomic, asynchronous, resumable, reshardable.
+
+A training checkpoint holds the whole TrainState (params, optimizer, EMA, step,
+RNG) and the data iterator position, saved together under
+WORKDIR/checkpoints/<step>/. An imported checkpoint (public weights converted by
+`dalle_jax.convert`) is a directory with config.json and variables/.
+`load_model` accepts either.
+"""
+import json
+import logging
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+  pass
+
+
+def _keystr(path):
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _meta_shapes(meta_tree):
+  out = {}
+  for path, m in jax.tree_util.tree_flatten_with_path(meta_tree)[0]:
+    if hasattr(m, "shape"):
+      out[_keystr(path)] = (tuple(m.shape), str(getattr(m, "dtype", "")))
+  return out
+
+
+def check_compatible(saved_meta, abstract_target, where):
+  """Raises naming every parameter whose presence or shape differs."""
+  saved = _meta_shapes(saved_meta)
+  want = {k: (tuple(v.shape), str(v.dtype)) for k, v in
+          ((_keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(abstract_target)[0])}
+  problems = []
+  for k, (shape, _) in want.items():
+    if k not in saved:
+      problems.append(f"  {k}: in the model {shape}, missing in the checkpoint")
+    elif saved[k][0] != shape:
+      problems.append(f"  {k}: checkpoint has shape {saved[k][0]}, the config builds {shape}")
+  for k in saved:
+    if k not in want:
+      problems.append(f"  {k}: in the checkpoint {saved[k][0]}, not in the model")
+  if problems:
+    head = f"checkpoint {where} does not fit the config ({len(problems)} differences):\n"
+    raise CheckpointMismatchError(head + "\n".join(problems[:20]) +
+                                  ("\n  ..." if len(problems) > 20 else ""))
+
+
+class Checkpointer:
+  """Saves TrainState + data-iterator state; restores the newest readable step."""
+
+  def __init__(self, workdir, keep=3, async_save=True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step, state, data_state, force=False):
+    saved = self.manager.save(
+        int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           data=ocp.args.JsonSave(data_state or {})),
+        force=force)
+    return saved
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def restore(self, abstract_state):
+    """Newest step that reads back; damaged ones are reported and skipped.
+
+    Returns (step, state, data_state) or (None, None, None) when there is none.
+    A config/checkpoint mismatch is raised, never skipped.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      where = os.path.join(self.directory, str(step))
+      try:
+        meta = self.manager.item_metadata(step)
+        state_meta = meta["state"] if meta is not None and "state" in meta else None
+      except Exception as e:  # unreadable metadata = damaged checkpoint
+        logging.error("checkpoint %s is damaged (%s); trying the previous one", where, e)
+        continue
+      if state_meta is None:
+        logging.error("checkpoint %s has no readable state; trying the previous one", where)
+        continue
+      check_compatible(state_meta, abstract_state, where)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as e:
+        logging.error("checkpoint %s could not be restored (%s: %s); trying the previous one",
+                      where, type(e).__name__, str(e)[:300])
+        continue
+      return step, restored["state"], restored["data"]
+    return None, None, None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# --- inference loading --------------------------------------------------------
+
+def _read_config(path):
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _resolve_text_path(config, root):
+  text = config.get("text")
+  if text is not None and text.get("path") and not os.path.isabs(text.path):
+    candidate = os.path.join(root, text.path)
+    if os.path.exists(candidate):
+      with config.unlocked():
+        config.text.path = candidate
+  return config
+
+
+def _restore_single_device(directory):
+  """Restores a saved tree onto one device (whatever mesh it was saved from)."""
+  ckptr = ocp.StandardCheckpointer()
+  meta = ckptr.metadata(directory)
+  tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree)
+  return ckptr.restore(directory, abstract)
+
+
+def load_model(path, use_ema=True):
+  """(config, variables) from a training workdir or an imported checkpoint dir.
+
+  variables = {'params': ..., other collections}. From a workdir the latest
+  checkpoint is used, with EMA parameters when the run kept them.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"{path}: not a training workdir or imported checkpoint (no config.json)")
+  config = _resolve_text_path(_read_config(cfg_file), path)
+  if os.path.isdir(os.path.join(path, "variables")):  # imported checkpoint
+    variables = _restore_single_device(os.path.join(path, "variables"))
+    return config, variables
+  ckpt_root = os.path.join(path, "checkpoints")
+  steps = sorted((int(d) for d in os.listdir(ckpt_root) if d.isdigit()), reverse=True) \
+      if os.path.isdir(ckpt_root) else []
+  if not steps:
+    raise FileNotFoundError(f"{path}: training workdir without checkpoints under {ckpt_root}")
+  last_error = None
+  for step in steps:
+    try:
+      state = _restore_single_device(os.path.join(ckpt_root, str(step), "state"))
+    except Exception as e:  # damaged: fall back to the previous one
+      logging.error("checkpoint %s/%d unreadable (%s); trying the previous one", ckpt_root, step, e)
+      last_error = e
+      continue
+    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
+    variables = {"params": params}
+    variables.update(state.get("model_state") or {})
+    logging.info("loaded %s step %d%s", path, step, " (EMA params)" if params is state.get("ema_params") else "")
+    return config, variables
+  raise RuntimeError(f"{path}: no readable checkpoint ({last_error})")
+
+
+def save_imported(out_dir, config, variables):
+  """Writes an imported checkpoint: out_dir/config.json + out_dir/variables/."""
+  out_dir = os.path.abspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  target = os.path.join(out_dir, "variables")
+  if os.path.exists(target):
+    shutil.rmtree(target)
+  variables = jax.tree.map(np.asarray, variables)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(target, variables)
+  ckptr.wait_until_finished()
+  tmp = os.path.join(out_dir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, os.path.join(out_dir, "config.json"))
+  return out_dir

@@ -1,0 +1,353 @@
+"""The family-agnostic trainer: sharded init, pure train step, loop, resume.
+
+    state = init (abstract -> shardings -> jit with out_shardings)
+    for step: state, metrics = train_step(state, batch)   # donated, sharded
+              log / eval / preview / checkpoint / SIGTERM
+
+The task (`dalle_jax.tasks.<family>`) supplies the objective; everything here
+is shared by all families.
+"""
+import functools
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from dalle_jax import parallel
+from dalle_jax.tasks.base import get_task
+from dalle_jax.train import checkpoint as ckpt_lib
+from dalle_jax.train import metrics as metrics_lib
+from dalle_jax.train.optimizers import global_norm, make_optimizer
+from dalle_jax.train.state import TrainState
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+# --- state --------------------------------------------------------------------
+
+def _split_variables(variables):
+  variables = dict(variables)
+  params = variables.pop("params")
+  return params, variables
+
+
+def make_init_fn(task, tx, config, batch):
+  """init(rng) -> boxed TrainState (logical names kept for shardings)."""
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    params, model_state = _split_variables(task.init(init_rng, batch))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        model_state=model_state,
+        ema_params=params if config.ema_decay > 0 else None,
+        rng=jax.random.key_data(state_rng), nonfinite_step=jnp.full((), -1, jnp.int32))
+  return init
+
+
+def create_state(task, tx, config, mesh, batch):
+  """Abstract init -> NamedShardings from logical names -> jitted sharded init."""
+  boxed_init = make_init_fn(task, tx, config, batch)
+  rng = jax.random.key_data(jax.random.PRNGKey(config.seed))
+  init = lambda r: parallel.unbox(boxed_init(jax.random.wrap_key_data(r)))
+  with parallel.mesh_context(mesh, config):
+    abstract_boxed = jax.eval_shape(lambda r: boxed_init(jax.random.wrap_key_data(r)), rng)
+    shardings = parallel.logical_shardings(abstract_boxed, mesh, parallel.rules_from_config(config))
+    state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def abstract_state(task, tx, config, mesh, batch):
+  """ShapeDtypeStructs with shardings, for restore (no allocation)."""
+  boxed_init = make_init_fn(task, tx, config, batch)
+  rng = jax.random.key_data(jax.random.PRNGKey(config.seed))
+  with parallel.mesh_context(mesh, config):
+    abstract_boxed = jax.eval_shape(lambda r: boxed_init(jax.random.wrap_key_data(r)), rng)
+    shardings = parallel.logical_shardings(abstract_boxed, mesh, parallel.rules_from_config(config))
+  abstract = parallel.unbox(abstract_boxed)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings), shardings
+
+
+# --- step ---------------------------------------------------------------------
+
+def make_train_step(task, tx, config, schedules, mesh):
+  """Pure `train_step(state, batch) -> (state, metrics)`; rng = fold_in(state.rng, step)."""
+  accum = int(config.grad_accum_steps)
+  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+  batch_axes = tuple(a for a in parallel.BATCH_AXES if a in mesh.shape)
+
+  def micro_batches(batch):
+    # Row j*accum + i goes to micro-batch i, so every device keeps its share.
+    def split(x):
+      x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+      spec = jax.sharding.PartitionSpec(None, batch_axes, *([None] * (x.ndim - 2)))
+      return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return jax.tree.map(split, batch)
+
+  def compute_grads(state, batch, rng):
+    if accum == 1:
+      (loss, (metrics, model_state)), grads = grad_fn(
+          state.params, state.model_state, batch, rng, state.step)
+      return loss, metrics, model_state, grads
+
+    def body(carry, xs):
+      grads_acc, model_state = carry
+      mb, i = xs
+      (loss, (metrics, model_state)), grads = grad_fn(
+          state.params, model_state, mb, jax.random.fold_in(rng, i), state.step)
+      grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / accum, grads_acc, grads)
+      return (grads_acc, model_state), (loss, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, model_state), (losses, metrics) = jax.lax.scan(
+        body, (zeros, state.model_state), (micro_batches(batch), jnp.arange(accum)))
+    return losses.mean(), jax.tree.map(jnp.mean, metrics), model_state, grads
+
+  def train_step(state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    loss, metrics, model_state, grads = compute_grads(state, batch, rng)
+    grad_norm = global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      d = config.ema_decay
+      ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        model_state=model_state, ema_params=ema)
+    # A NaN/inf step never reaches the parameters: keep the old state, record
+    # the step, and let the host stop ("stop") or carry on ("skip").
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+    first_bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step, state.nonfinite_step)
+    new = new.replace(nonfinite_step=first_bad)
+    out = dict(metrics, loss=loss, grad_norm=grad_norm)
+    for name, sched in schedules.items():
+      out["learning_rate" if len(schedules) == 1 else f"learning_rate_{name}"] = sched(state.step)
+    if len(schedules) > 1:
+      out["learning_rate"] = out[f"learning_rate_{next(iter(schedules))}"]
+    return new, out
+
+  return train_step
+
+
+def make_eval_step(task):
+  def eval_step(params, model_state, batch, rng):
+    return task.eval_fn(params, model_state, batch, rng)
+  return eval_step
+
+
+# --- loop ---------------------------------------------------------------------
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. inside a test runner thread)
+      self._old = None
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _write_config(config, workdir):
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+def _save_previews(images, workdir, step):
+  if jax.process_index() != 0 or not images:
+    return
+  out_dir = os.path.join(workdir, "previews")
+  os.makedirs(out_dir, exist_ok=True)
+  for name, img in images.items():
+    Image.fromarray(np.asarray(img, np.uint8)).save(os.path.join(out_dir, f"{name}_{step:06d}.png"))
+
+
+def _check_batch_size(config, mesh):
+  n = parallel.batch_axis_size(mesh)
+  b = config.batch_size
+  if b % n:
+    raise ValueError(f"batch_size={b} is not divisible by the {n} data-parallel devices "
+                     f"(mesh {dict(mesh.shape)})")
+  if b % (config.grad_accum_steps * n):
+    raise ValueError(f"batch_size={b} must divide into grad_accum_steps={config.grad_accum_steps} "
+                     f"micro-batches of a multiple of {n} devices")
+
+
+def train(config, workdir, *, max_steps=None):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint.
+
+  max_steps: stop after this many steps in this call (tests); total_steps
+  still sets the schedule. Returns the final TrainState.
+  """
+  workdir = os.path.abspath(workdir)
+  task = get_task(config)
+  mesh = parallel.make_mesh(config.mesh)
+  _check_batch_size(config, mesh)
+  _write_config(config, workdir)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  tx, schedules = make_optimizer(task.optimizer_groups(), task.param_labels, config.total_steps)
+  dummy = task.dummy_batch(config.batch_size)
+  abstract, shardings = abstract_state(task, tx, config, mesh, dummy)
+
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints,
+                               async_save=config.async_checkpoints)
+  start_step, state, data_state = ckpt.restore(abstract)
+  if state is None:
+    state, _ = create_state(task, tx, config, mesh, dummy)
+    start_step = 0
+    logging.info("initialised a new model in %s", workdir)
+  else:
+    logging.info("resumed %s from step %d", workdir, start_step)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("parameters: %.2fM", n_params / 1e6)
+
+  train_iter = task.make_iterator(config.data.train_split, config.batch_size,
+                                  shuffle=config.data.shuffle)
+  if data_state:
+    train_iter.set_state(data_state)
+
+  train_step = make_train_step(task, tx, config, schedules, mesh)
+  batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v))
+                     for k, v in parallel.shard_batch(dummy, mesh).items()}
+  with parallel.mesh_context(mesh, config):
+    p_train_step = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                           out_shardings=(shardings, None), donate_argnums=(0,))
+  p_eval_step = jax.jit(make_eval_step(task))
+
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start_step,
+                                    enabled=jax.process_index() == 0)
+  flops = task.flops_per_example()
+  tokens = task.tokens_per_example()
+  peak = metrics_lib.peak_flops_per_device() if flops else None
+  preempt = _Preemption()
+  end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
+  timer = metrics_lib.Timer()
+  run_start = time.perf_counter()
+  step = start_step
+  pending = []  # metrics since the last log, still on device
+
+  def save(step, force=False):
+    _raise_if_nonfinite(state, config)
+    ckpt.save(step, state, train_iter.get_state(), force=force)
+
+  try:
+    while step < end_step:
+      if preempt.requested:
+        save(step, force=True)
+        ckpt.wait()
+        logging.warning("preempted at step %d: checkpoint saved", step)
+        break
+      batch = parallel.shard_batch(next(train_iter), mesh)
+      with parallel.mesh_context(mesh, config):
+        state, m = p_train_step(state, batch)
+      step += 1
+      pending.append(m)
+      if step == start_step + 1:
+        jax.block_until_ready(m)
+        timer.start()  # exclude compilation from throughput
+        pending = [m]
+      else:
+        timer.tick()
+      eval_due = bool(config.eval_every) and (step % config.eval_every == 0 or step == end_step)
+      log_due = step % config.log_every == 0 or step == end_step or eval_due
+      if config.nan_policy == "stop" and log_due:
+        _raise_if_nonfinite(state, config)
+      if log_due:
+        extra = _evaluate(task, p_eval_step, state, config, mesh, step) if eval_due else {}
+        _log(writer, pending, step, config, timer, flops, tokens, peak, run_start, start_step, extra)
+        pending = []
+      if config.preview_every and (step % config.preview_every == 0 or step == end_step):
+        _preview(task, state, config, mesh, workdir, step)
+      if step % config.checkpoint_every == 0 or step == end_step:
+        save(step)
+  finally:
+    ckpt.close()
+    writer.close()
+    preempt.restore()
+  return state
+
+
+def _raise_if_nonfinite(state, config):
+  bad = int(jax.device_get(state.nonfinite_step))
+  if bad >= 0 and config.nan_policy == "stop":
+    raise NonFiniteLossError(
+        f"loss or gradient became NaN/inf at step {bad}; the update was not applied. "
+        "Lower optimizer.learning_rate, check the data, or set --config.nan_policy=skip")
+
+
+def _log(writer, pending, step, config, timer, flops, tokens, peak, run_start, start_step, extra):
+  ms = jax.device_get(pending)
+  avg = {k: float(np.mean([m[k] for m in ms])) for k in ms[-1]}
+  avg["learning_rate"] = float(ms[-1]["learning_rate"])
+  dt, n = timer.rate()
+  if n > 0 and dt > 0:
+    steps_per_sec = n / dt
+    avg["steps_per_sec"] = steps_per_sec
+    avg["examples_per_sec"] = steps_per_sec * config.batch_size
+    if tokens:
+      avg["tokens_per_sec"] = avg["examples_per_sec"] * tokens
+    if flops and peak:
+      n_dev = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+      avg["mfu"] = avg["examples_per_sec"] * flops / (peak * n_dev)
+    timer.start()
+  else:
+    avg["examples_per_sec"] = 0.0
+  avg.update(extra)
+  writer.write(step, avg)
+  elapsed = time.perf_counter() - run_start
+  if jax.process_index() == 0:
+    print(metrics_lib.console_line(step, config.total_steps, avg, elapsed, step - start_step), flush=True)
+
+
+def _eval_params(state):
+  return state.ema_params if state.ema_params is not None else state.params
+
+
+def _evaluate(task, p_eval_step, state, config, mesh, step):
+  it = task.make_iterator(config.data.eval_split, config.batch_size, shuffle=False)
+  rng = jax.random.PRNGKey(config.seed + 1)
+  results = []
+  with parallel.mesh_context(mesh, config):
+    for i in range(config.eval_batches):
+      batch = parallel.shard_batch(next(it), mesh)
+      results.append(p_eval_step(_eval_params(state), state.model_state, batch,
+                                 jax.random.fold_in(rng, i)))
+  results = jax.device_get(results)
+  avg = {f"eval/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
+  if jax.process_index() == 0:
+    print(f"eval step {step}: " + " | ".join(f"{k[5:]}={v:.4g}" for k, v in avg.items()), flush=True)
+  return avg
+
+
+def _preview(task, state, config, mesh, workdir, step):
+  it = task.make_iterator(config.data.eval_split, config.batch_size, shuffle=False)
+  batch = next(it)
+  with parallel.mesh_context(mesh, config):
+    images = task.preview(_eval_params(state), state.model_state, batch,
+                          jax.random.PRNGKey(config.seed + 2))
+  _save_previews(images, workdir, step)

@@ -1,0 +1,124 @@
+"""Metric sinks: metrics.jsonl, TensorBoard event files (tensorboardX, no TF), console."""
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+
+def _fmt_duration(s):
+  s = int(s)
+  return f"{s // 3600}h{(s % 3600) // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricWriter:
+  """Writes one JSON object per logged step; only process 0 writes."""
+
+  def __init__(self, workdir, resume_step=0, enabled=True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if not enabled:
+      return
+    # A resumed run continues after its checkpoint: drop lines logged after it
+    # by the killed run so the file reads as one uninterrupted run.
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        lines = [l for l in f if l.strip()]
+      kept = [l for l in lines if json.loads(l).get("step", 0) <= resume_step]
+      if len(kept) != len(lines):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+          f.writelines(kept)
+        os.replace(tmp, self.path)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
+      logging.warning("tensorboardX not installed: no TensorBoard event files")
+
+  def write(self, step, metrics):
+    if not self.enabled:
+      return
+    row = {"step": int(step)}
+    row.update({k: float(v) for k, v in metrics.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and np.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def console_line(step, total, metrics, elapsed, steps_done):
+  keys = ["loss"] + sorted(k for k in metrics if k != "loss")
+  parts = [f"step {step}/{total}"]
+  for k in keys:
+    if k in metrics:
+      v = float(metrics[k])
+      parts.append(f"{k}={v:.4g}")
+  if steps_done > 0 and elapsed > 0:
+    eta = (total - step) * elapsed / steps_done
+    parts.append(f"eta {_fmt_duration(eta)}")
+  return " | ".join(parts)
+
+
+class Timer:
+  """examples/s and step time between log points, excluding the first (compile) step."""
+
+  def __init__(self):
+    self.t0 = None
+    self.steps = 0
+
+  def start(self):
+    self.t0 = time.perf_counter()
+    self.steps = 0
+
+  def tick(self):
+    self.steps += 1
+
+  def rate(self):
+    dt = time.perf_counter() - self.t0
+    return dt, self.steps
+
+
+def peak_flops_per_device():
+  """Peak FLOP/s of one device, for the MFU estimate (bf16 where it applies)."""
+  import jax
+  kind = jax.devices()[0].device_kind.lower()
+  table = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+           "tpu v6": 918e12, "h100": 989e12, "h200": 989e12, "a100": 312e12}
+  for name, f in table.items():
+    if name in kind:
+      return f
+  if jax.devices()[0].platform == "cpu":
+    return measure_matmul_flops()
+  return None
+
+
+_MEASURED = {}
+
+
+def measure_matmul_flops(n=1024, dtype="bfloat16", reps=5):
+  """Measured bf16-input matmul FLOP/s of this host (the CPU 'peak' for MFU).
+
+  On CPU all fake devices share the same cores, so this is the whole host's rate.
+  """
+  if dtype in _MEASURED:
+    return _MEASURED[dtype]
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  f(a, a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    f(a, a).block_until_ready()
+  _MEASURED[dtype] = 2 * n ** 3 * reps / (time.perf_counter() - t)
+  return _MEASURED[dtype]
