@@ -301,8 +301,9 @@ def builder(data_dir, config="", src=None, image_size=DEFAULT_IMAGE_SIZE, test_f
   else:
     if not config:
       root = os.path.join(data_dir, "image_text_folder")
-      built = sorted(d for d in os.listdir(root) if not d.startswith(".")) \
-          if os.path.isdir(root) else []
+      built = sorted(d for d in os.listdir(root) if not d.startswith(".") and any(
+          os.path.exists(os.path.join(root, d, v, "dataset_info.json"))
+          for v in os.listdir(os.path.join(root, d)))) if os.path.isdir(root) else []
       if len(built) != 1:
         raise FolderError(
             f"dataset 'image_text_folder' in {data_dir}: "

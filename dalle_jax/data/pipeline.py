@@ -105,7 +105,8 @@ def _builder(dataset, data_dir):
   try:
     return tfds.builder(dataset, data_dir=data_dir, file_format="array_record"), False
   except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"unknown dataset {dataset!r} (data_dir {data_dir!r}): {e}\n"
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"unknown dataset {dataset!r} (data_dir {data_dir!r}): {first_line}\n"
                      f"Use 'shapes', 'image_text_folder/NAME', an installed TFDS dataset, or "
                      f"a records directory (dalle_jax.data.records).") from None
 

@@ -23,7 +23,7 @@ def _size(path):
 
 def _report(builder, dataset, data_dir, start):
   splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
-  print(f"Built {dataset} in {time.time() - start:.1f}s: {splits} examples, "
+  print(f"{dataset} ready ({time.time() - start:.1f}s): {splits} examples, "
         f"{_size(builder.data_path) / 2**20:.1f} MiB at {builder.data_path}")
   print(f"Train with: --config.data.dataset={dataset} --config.data.data_dir={data_dir}")
 
@@ -66,7 +66,13 @@ def build_folder(args):
   if builder.is_prepared():
     print(f"{dataset} is already built at {builder.data_path}; delete it to rebuild")
     return builder, dataset
-  builder.download_and_prepare()
+  try:
+    builder.download_and_prepare()
+  except itf.FolderError as e:
+    config_dir = os.path.dirname(os.fspath(builder.data_path))
+    if os.path.isdir(config_dir) and not os.listdir(config_dir):
+      os.rmdir(config_dir)
+    sys.exit(f"error: {e}")
   skipped = dict(builder.info.metadata.get("skipped", {}))
   if skipped:
     print(f"Skipped {sum(skipped.values())} files: {itf.summarize(skipped)}")
@@ -80,7 +86,9 @@ def build_tfds(args):
   try:
     builder = tfds.builder(args.dataset, data_dir=args.data_dir, file_format="array_record")
   except Exception as e:  # pylint: disable=broad-except
-    sys.exit(f"error: no TFDS builder {args.dataset!r}: {e}")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    sys.exit(f"error: no TFDS builder {args.dataset!r}: {first_line}\n"
+             "Built-in: shapes, image_text_folder; others: see the TFDS catalog.")
   builder.download_and_prepare()
   return builder, args.dataset
 
