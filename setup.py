@@ -26,6 +26,8 @@ setup(
         "grain>=0.2.10",
         "tensorboardX>=2.6",
         "scikit-image>=0.22",
+        "importlib_resources>=6.0",
+        "msgpack>=1.0",
     ],
     extras_require={
         # Reference packages for the parity tests and benchmarks (CPU torch).

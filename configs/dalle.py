@@ -3,7 +3,7 @@
 Trains on a dataset pre-encoded to VQGAN codes (records with 'codes' + 'caption'):
 
     python train.py --config configs/vqgan.py:shapes --workdir demo/vqgan
-    python -m dalle_jax.tools.encode_dataset --vqgan demo/vqgan --out demo/shapes_codes
+    python -m dalle_jax.tools.encode_dataset --vqgan demo/vqgan --data_dir data --dataset shapes --out data/shapes_codes
     python train.py --config configs/dalle.py:shapes --workdir demo/dalle
     python sample.py --workdir demo/dalle --prompt "a red circle on a blue background" \
         --num_images 8 --out demo/samples.png
@@ -62,7 +62,7 @@ def task_keys(c):
   c.loss = ml_collections.ConfigDict()
   c.loss.text_weight = 1 / 8  # dalle layout: 1/8 text + 7/8 image (paper)
   c.sampling = sampling_config()
-  c.data.dataset = "demo/shapes_codes"  # directory written by tools.encode_dataset
+  c.data.dataset = "data/shapes_codes"  # directory written by tools.encode_dataset
 
 
 def get_config(arg=None):

@@ -31,17 +31,18 @@ def test_shapes_model_forward_and_temperature():
   config = clip_configs.get_config("shapes")
   model = clip_lib.build_model(config)
   x = clip_lib.dummy_inputs(config, 3)
-  v = model.init(jax.random.PRNGKey(0), *x)
-  out = model.apply(v, *x)
+  v = jax.jit(model.init)(jax.random.PRNGKey(0), *x)
+  apply = jax.jit(model.apply)
+  out = apply(v, *x)
   np.testing.assert_allclose(np.linalg.norm(out["image"], axis=-1), 1, rtol=1e-5)
   np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
   # Clamped at 100 however large the parameter grows.
   params = jax.tree.map(lambda a: a, v["params"])
   params["logit_scale"] = jnp.asarray(10.0)
-  assert float(model.apply({"params": params}, *x)["logit_scale"]) == pytest.approx(100.0)
+  assert float(apply({"params": params}, *x)["logit_scale"]) == pytest.approx(100.0)
   siglip = clip_configs.get_config("shapes_siglip")
   m2 = clip_lib.build_model(siglip)
-  out2 = m2.apply(m2.init(jax.random.PRNGKey(0), *x), *x)
+  out2 = jax.jit(lambda *a: m2.apply(m2.init(jax.random.PRNGKey(0), *a), *a))(*x)
   assert float(out2["logit_scale"]) == pytest.approx(10.0, rel=1e-5)
   assert float(out2["logit_bias"]) == pytest.approx(-10.0)
 
@@ -112,13 +113,13 @@ def test_task_step_under_mesh_and_flops():
   batch["text_ids"] = np.tile(np.arange(16, dtype=np.int32)[:, None] % 7 + 4, (1, 16))
   batch["image"] = np.random.default_rng(0).uniform(-1, 1, batch["image"].shape).astype(np.float32)
   with mesh, parallel.axis_rules_context(config):
-    params = parallel.unbox(task.init(jax.random.PRNGKey(0), batch))["params"]
+    params = jax.jit(lambda r: parallel.unbox(task.init(r, batch))["params"])(jax.random.PRNGKey(0))
     sharded = parallel.shard_batch(batch, mesh)
     grad_fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
     (loss, (metrics, _)), grads = grad_fn(params, {}, sharded, jax.random.PRNGKey(1), 0)
   assert np.isfinite(float(loss)) and float(loss) > 0
   assert set(metrics) >= {"i2t_accuracy", "t2i_accuracy", "logit_scale"}
   assert float(jnp.abs(grads["logit_scale"])) > 0
-  m = task.eval_fn(params, {}, batch, jax.random.PRNGKey(0))
+  m = jax.jit(task.eval_fn)(params, {}, batch, jax.random.PRNGKey(0))
   assert "loss" in m
   assert task.flops_per_example() > 0

@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 min_dalle_models = pytest.importorskip("min_dalle.models")
+torch.set_num_threads(1)  # min_dalle sets cpu_count threads: 20x slower on a busy 2-core box
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

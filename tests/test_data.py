@@ -242,6 +242,7 @@ def test_image_text_folder_skips_and_counts_bad_files(tmp_path):
                         num_workers=1)
   builder.download_and_prepare()
   assert builder.builder_config.name == "my_photos"
+  assert not [d for d in os.listdir(tmp_path / "data" / "image_text_folder") if d.startswith(".")]
   skipped = dict(builder.info.metadata["skipped"])
   assert skipped == {"no caption": 1, "truncated": 1, "not an image": 2}
   cfg = data_cfg(tmp_path / "data", dataset="image_text_folder", image_size=16)
@@ -330,3 +331,16 @@ def test_records_reject_bad_examples(tmp_path):
   with pytest.raises(TypeError, match="dtype object"):
     records.write_records(str(tmp_path), "train", [{"a": np.array(["x"], dtype=object)}])
   assert not os.listdir(tmp_path)  # nothing half-written
+
+
+def test_worker_processes_give_the_same_batches(shapes_dir):
+  cfg = data_cfg(shapes_dir)
+  ref = take(pipeline.make_iterator(cfg, "train", 8, seed=2, process_index=0, process_count=1), 3)
+  cfg.num_workers = 1
+  it = pipeline.make_iterator(cfg, "train", 8, seed=2, process_index=0, process_count=1)
+  try:
+    for a, b in zip(ref, take(it, 3)):
+      np.testing.assert_array_equal(a["image"], b["image"])
+      assert list(a["caption"]) == list(b["caption"])
+  finally:
+    it.close()

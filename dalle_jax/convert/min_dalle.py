@@ -199,18 +199,11 @@ def convert(src, variant, out, *, ignore_unexpected=False, with_vqgan=True):
   detoker = os.path.join(src, "vqgan", "detoker.pt")
   if with_vqgan and os.path.isfile(detoker):
     vq_out = os.path.join(out, "vqgan")
-    try:
-      from dalle_jax.convert import vqgan as vq_convert
-    except ImportError:
-      vq_convert = None
-    fn = getattr(vq_convert, "convert_min_dalle_detokenizer", None) if vq_convert else None
-    if fn is None:
-      report.append(f"VQGAN: {detoker} not converted (dalle_jax.convert.vqgan has no "
-                    "convert_min_dalle_detokenizer); pass --vqgan to sample.py")
-    else:
-      fn(detoker, vq_out)
-      config.vqgan = "vqgan"
-      report.append(f"VQGAN: converted {detoker} -> {vq_out}")
+    from dalle_jax.convert import vqgan as vq_convert
+    vq_config, vq_vars = vq_convert.convert(detoker, "min_dalle")
+    checkpoint.save_imported(vq_out, vq_config, vq_vars)
+    config.vqgan = "vqgan"
+    report.append(f"VQGAN: converted {detoker} -> {vq_out} (decoder only)")
   elif with_vqgan:
     report.append(f"VQGAN: {detoker} not found; pass --vqgan to sample.py")
   checkpoint.save_imported(out, config, {"params": params})

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from dalle_jax.data import images as img_lib
 from dalle_jax.data import records
+from dalle_jax.data import shapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INDEX_FILES = ("captions.jsonl", "captions.csv")
@@ -313,4 +314,5 @@ def builder(data_dir, config="", src=None, image_size=DEFAULT_IMAGE_SIZE, test_f
                f"image_text_folder --src FOLDER --data_dir {data_dir}"))
       config = built[0]
     config = ImageTextFolderConfig(name=config)
+  shapes.quiet_custom_config_warning()
   return ImageTextFolder(data_dir=data_dir, config=config, file_format="array_record", **kwargs)

@@ -117,8 +117,13 @@ def build_shapes(builder):
   print(f"Building the synthetic 'shapes' dataset ({builder.builder_config.name}) in "
         f"{builder.data_path} (first use; takes seconds)...", flush=True)
   tfds.disable_progress_bar()
-  builder.download_and_prepare()
-  tfds.enable_progress_bar()
+  try:
+    builder.download_and_prepare()
+  except Exception:  # pylint: disable=broad-except
+    if not builder.is_prepared():  # else another process built it at the same time
+      raise
+  finally:
+    tfds.enable_progress_bar()
 
 
 def load_source(data_cfg, split):
@@ -139,6 +144,7 @@ def load_source(data_cfg, split):
   if not builder.is_prepared():
     if auto_build:
       build_shapes(builder)
+      builder, _ = _builder(dataset, data_dir)  # re-read the info written by the build
     else:
       name, _, config = dataset.partition("/")
       how = (f"{_BUILD_CMD} image_text_folder --src FOLDER --data_dir {data_dir}"

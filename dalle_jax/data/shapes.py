@@ -13,6 +13,7 @@ test, 64 px) or `"shapes/<S>px_<N>"` for a build with other
 `--image_size S --num_examples N`.
 """
 import dataclasses
+import logging
 import re
 
 import numpy as np
@@ -113,6 +114,8 @@ def _coverage_box(shape, cx, cy, r, size, ss):
   ext = 1.1 * r
   y0, x0 = max(0, int(cy - ext)), max(0, int(cx - ext))
   y1, x1 = min(size, int(np.ceil(cy + ext)) + 1), min(size, int(np.ceil(cx + ext)) + 1)
+  y0, x0 = min(y0, max(y1, 0)), min(x0, max(x1, 0))  # a shape wholly outside: empty box
+  y1, x1 = max(y1, y0), max(x1, x0)
   x = (np.arange(x0 * ss, x1 * ss, dtype=np.float32) + 0.5)[None, :] / ss
   y = (np.arange(y0 * ss, y1 * ss, dtype=np.float32) + 0.5)[:, None] / ss
   inside = _shape_inside(shape, x, y, cx, cy, r)
@@ -200,10 +203,24 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                 "shape": ex["shape"], "color": ex["color"], "background": ex["background"]}
 
 
+class _DropCustomConfigWarning(logging.Filter):
+  """tfds warns on every builder made from a config object; ours are intended."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Using custom data configuration")
+
+
+def quiet_custom_config_warning():
+  log = logging.getLogger("absl")
+  if not any(isinstance(f, _DropCustomConfigWarning) for f in log.filters):
+    log.addFilter(_DropCustomConfigWarning())
+
+
 def builder(data_dir, config="", **kwargs):
   """The Shapes builder for a config name ("" = default) or a ShapesConfig."""
   if isinstance(config, str):
     config = parse_config_name(config) if config else make_config()
   if config.name in Shapes.builder_configs:  # tfds wants the registered ones by name
     config = config.name
+  quiet_custom_config_warning()
   return Shapes(data_dir=data_dir, config=config, file_format="array_record", **kwargs)
