@@ -27,24 +27,33 @@ def test_published_sizes_abstractly(preset, expected):
   assert out["image"].shape == (2, config.model.embed_dim)
 
 
-def test_shapes_model_forward_and_temperature():
+@pytest.fixture(scope="module")
+def shapes_setup():
   config = clip_configs.get_config("shapes")
   model = clip_lib.build_model(config)
   x = clip_lib.dummy_inputs(config, 3)
-  v = jax.jit(model.init)(jax.random.PRNGKey(0), *x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), *x)
+  return config, model, variables
+
+
+def test_shapes_model_forward_and_temperature(shapes_setup):
+  config, model, v = shapes_setup
+  x = clip_lib.dummy_inputs(config, 3)
   apply = jax.jit(model.apply)
   out = apply(v, *x)
   np.testing.assert_allclose(np.linalg.norm(out["image"], axis=-1), 1, rtol=1e-5)
   np.testing.assert_allclose(out["logit_scale"], 1 / 0.07, rtol=1e-5)
   # Clamped at 100 however large the parameter grows.
-  params = jax.tree.map(lambda a: a, v["params"])
-  params["logit_scale"] = jnp.asarray(10.0)
+  params = dict(v["params"], logit_scale=jnp.asarray(10.0))
   assert float(apply({"params": params}, *x)["logit_scale"]) == pytest.approx(100.0)
-  siglip = clip_configs.get_config("shapes_siglip")
-  m2 = clip_lib.build_model(siglip)
-  out2 = jax.jit(lambda *a: m2.apply(m2.init(jax.random.PRNGKey(0), *a), *a))(*x)
-  assert float(out2["logit_scale"]) == pytest.approx(10.0, rel=1e-5)
-  assert float(out2["logit_bias"]) == pytest.approx(-10.0)
+  # SigLIP: same towers plus a bias, t' = log 10, b = -10.
+  m2 = clip_lib.build_model(clip_configs.get_config("shapes_siglip"))
+  v2 = jax.eval_shape(m2.init, jax.random.PRNGKey(0), *x)
+  assert set(v2["params"]) == set(v["params"]) | {"logit_bias"}
+  init_t = jax.jit(lambda: m2.init({"params": jax.random.PRNGKey(0)},
+                                    method=clip_lib.CLIP.temperature))
+  scale, bias = jax.jit(lambda v: m2.apply(v, method=clip_lib.CLIP.temperature))(init_t())
+  assert float(scale) == pytest.approx(10.0, rel=1e-5) and float(bias) == pytest.approx(-10.0)
 
 
 def _reference_loss(img, txt, scale, bias, kind):
@@ -102,18 +111,16 @@ def test_random_resized_crop():
   assert float(out.min()) >= -1.001 and float(out.max()) <= 1.001
 
 
-def test_task_step_under_mesh_and_flops():
+def test_task_step_under_mesh_and_flops(shapes_setup):
   from dalle_jax import parallel
-  config = clip_configs.get_config("shapes")
-  config.model.vision.layers = 1
-  config.model.text.layers = 1
+  config, _, variables = shapes_setup
   task = clip_task.TASK(config)
   mesh = parallel.make_mesh(config.mesh)
   batch = task.dummy_batch(16)
   batch["text_ids"] = np.tile(np.arange(16, dtype=np.int32)[:, None] % 7 + 4, (1, 16))
   batch["image"] = np.random.default_rng(0).uniform(-1, 1, batch["image"].shape).astype(np.float32)
   with mesh, parallel.axis_rules_context(config):
-    params = jax.jit(lambda r: parallel.unbox(task.init(r, batch))["params"])(jax.random.PRNGKey(0))
+    params = parallel.unbox(variables["params"])
     sharded = parallel.shard_batch(batch, mesh)
     grad_fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
     (loss, (metrics, _)), grads = grad_fn(params, {}, sharded, jax.random.PRNGKey(1), 0)

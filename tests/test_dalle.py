@@ -123,10 +123,11 @@ def test_kv_cache_decode_equals_full_forward(make):
   codes = jnp.asarray(np.random.RandomState(2).randint(0, 24, size=(2, G * G)), jnp.int32)
   full = np.asarray(dec.image_logits(params, text, mask, codes))  # (B, N, V)
   cache = dec.init_cache(2)
-  logits, cache = dec.prefill(params, cache, jnp.asarray(text), jnp.asarray(mask))
+  logits, cache = jax.jit(dec.prefill)(params, cache, jnp.asarray(text), jnp.asarray(mask))
   steps = [logits]
+  step = jax.jit(dec.step)
   for j in range(G * G - 1):
-    logits, cache = dec.step(params, cache, codes[:, j], j, jnp.asarray(mask))
+    logits, cache = step(params, cache, codes[:, j], jnp.int32(j), jnp.asarray(mask))
     steps.append(logits)
   np.testing.assert_allclose(np.stack(steps, 1), full, atol=2e-5, rtol=1e-5)
 

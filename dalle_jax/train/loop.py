@@ -232,10 +232,9 @@ def train(config, workdir, *, max_steps=None):
     train_iter.set_state(data_state)
 
   train_step = make_train_step(task, tx, config, schedules, mesh)
-  batch_shardings = {k: parallel.batch_sharding(mesh, np.ndim(v))
-                     for k, v in parallel.shard_batch(dummy, mesh).items()}
   with parallel.mesh_context(mesh, config):
-    p_train_step = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+    # The batch arrives already sharded over the batch axes (parallel.shard_batch).
+    p_train_step = jax.jit(train_step, in_shardings=(shardings, None),
                            out_shardings=(shardings, None), donate_argnums=(0,))
   p_eval_step = jax.jit(make_eval_step(task))
 

@@ -57,7 +57,9 @@ class MetricWriter:
 
 
 def console_line(step, total, metrics, elapsed, steps_done):
-  keys = ["loss"] + sorted(k for k in metrics if k != "loss")
+  # eval/* is printed on its own line; the console keeps the step line short.
+  keys = ["loss"] + sorted(k for k in metrics if k != "loss" and not k.startswith("eval/")
+                           and k != "steps_per_sec")
   parts = [f"step {step}/{total}"]
   for k in keys:
     if k in metrics:
