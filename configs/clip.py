@@ -71,7 +71,7 @@ def get_config(arg=None):
 
   if name == "shapes":
     image_size.set(32)
-    vocab.set(64)
+    vocab.set(128)  # the captions' ~25 words fit whole (<= 11 tokens with EOS)
     max_len.set(16)
     c.model = model_config(image_size, patch=8, vw=64, vl=2, vh=4, tw=64, tl=2, th=4, embed=64,
                            vocab_size=vocab, max_len=max_len)

@@ -34,13 +34,24 @@ def _text(b, seed=0):
   return np.where(mask, ids, 0), mask
 
 
+_PARAMS = {}
+
+
 def _init(model, b=2):
+  """Parameters for `model`, initialised once per distinct module (compiles are slow)."""
+  key = repr(model)
+  if key not in _PARAMS:
+    _PARAMS[key] = _init_uncached(model, b)
+  return dict(_PARAMS[key])
+
+
+def _init_uncached(model, b):
   text, mask = _text(b)
   codes = jnp.zeros((b, G * G), jnp.int32)
   if isinstance(model, dalle.DalleTransformer):
-    v = model.init(jax.random.PRNGKey(0), dalle.pad_text(text, mask, 40), codes)
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), dalle.pad_text(text, mask, 40), codes)
   else:
-    v = model.init(jax.random.PRNGKey(0), text, mask, codes)
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), text, mask, codes)
   return nn.meta.unbox(v)["params"]
 
 
@@ -121,7 +132,7 @@ def test_kv_cache_decode_equals_full_forward(make):
          else decode.DalleMiniDecoder)(model)
   text, mask = _text(2, seed=1)
   codes = jnp.asarray(np.random.RandomState(2).randint(0, 24, size=(2, G * G)), jnp.int32)
-  full = np.asarray(dec.image_logits(params, text, mask, codes))  # (B, N, V)
+  full = np.asarray(jax.jit(dec.image_logits)(params, text, mask, codes))  # (B, N, V)
   cache = dec.init_cache(2)
   logits, cache = jax.jit(dec.prefill)(params, cache, jnp.asarray(text), jnp.asarray(mask))
   steps = [logits]

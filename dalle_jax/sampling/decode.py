@@ -15,6 +15,7 @@ pure function of the seed: token j uses fold_in(rng, j).
 Shapes: B batch (rows that get distinct samples), L text length, N codes, V logits.
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -162,15 +163,30 @@ class DalleMiniDecoder(Decoder):
 
 
 def make_decoder(config):
-  """Decoder adapter for config.model.layout (imported or trained config)."""
-  layout = config.model.get("layout", "dalle")
-  kw = dict(dtype=config.get("dtype"), param_dtype=config.get("param_dtype"))
+  """Decoder adapter for config.model.layout (imported or trained config).
+
+  Cached per model config, so that its compiled sampling loops are reused.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  key = json.dumps({"model": config.model.to_dict(), "dtype": config.get("dtype"),
+                    "param_dtype": config.get("param_dtype")}, sort_keys=True, default=str)
+  return _make_decoder(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _make_decoder(key):
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  spec = json.loads(key)
+  model_cfg = ml_collections.ConfigDict(spec["model"])
+  layout = model_cfg.get("layout", "dalle")
+  kw = dict(dtype=spec["dtype"], param_dtype=spec["param_dtype"])
   if layout == "dalle":
     from dalle_jax.models import dalle
-    return DalleDecoder(dalle.from_config(config.model, **kw))
+    return DalleDecoder(dalle.from_config(model_cfg, **kw))
   if layout == "dalle_mini":
     from dalle_jax.models import dalle_mini
-    return DalleMiniDecoder(dalle_mini.from_config(config.model, **kw))
+    return DalleMiniDecoder(dalle_mini.from_config(model_cfg, **kw))
   raise ValueError(f"config.model.layout={layout!r}: expected 'dalle' or 'dalle_mini'")
 
 

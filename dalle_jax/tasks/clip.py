@@ -147,6 +147,19 @@ def tower_flops(tokens, width, layers, mlp_dim):
   return layers * per_layer
 
 
+def _no_logical_rules():
+  """Model calls run without logical-axis rules.
+
+  Workaround: flax's nn.DenseGeneral (inside layers.DenseGeneral / Attention)
+  initialises — and at apply time shape-checks by eval_shape'ing — its kernel
+  flattened to (D, H*K), and with rules active the 3-name (D, H, K) constraint
+  is applied to that rank-2 array and fails under a mesh. Parameters keep
+  their logical names (the trainer shards them from the boxes); activations
+  follow the batch sharding of the inputs by propagation.
+  """
+  return nn.logical_axis_rules(())
+
+
 class ClipTask(base.Task):
   name = "clip"
 
@@ -172,6 +185,7 @@ class ClipTask(base.Task):
     return self.tokenizer.encode(captions, self.config.model.text.max_len)
 
   def preprocess(self, example):
+    """Tokenises the caption; keeps exactly image, text_ids, text_mask, caption."""
     if "caption" not in example:
       raise KeyError(f"CLIP needs image–caption data; example has fields {sorted(example)}")
     ids, mask = self.tokenize([example["caption"]])
@@ -180,8 +194,12 @@ class ClipTask(base.Task):
     if image.shape != (s, s, 3):
       raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, 3): "
                        f"set config.data.image_size={s}")
-    return {"image": image, "text_ids": ids[0], "text_mask": mask[0],
-            "caption": example["caption"]}
+    # Updated in place as well as returned, so a caller that keeps its own
+    # reference to the dict sees the same example.
+    caption = example["caption"]
+    example.clear()
+    example.update(image=image, text_ids=ids[0], text_mask=mask[0], caption=caption)
+    return example
 
   def dummy_batch(self, batch_size):
     s = self.config.model.vision.image_size
@@ -198,10 +216,7 @@ class ClipTask(base.Task):
 
   # --- model ---------------------------------------------------------------
   def init(self, rng, batch):
-    # No logical rules during init: flax's DenseGeneral initialises its kernel
-    # flattened (D, H*K) and would apply the 3-name (D, H, K) constraint to it
-    # under a mesh. The boxes keep their names; the trainer places the outputs.
-    with nn.logical_axis_rules(()):
+    with _no_logical_rules():
       return self.model.init({"params": rng}, batch["image"][:1], batch["text_ids"][:1],
                              batch["text_mask"][:1])
 
@@ -211,7 +226,8 @@ class ClipTask(base.Task):
     if train and aug is not None and aug.enabled:
       images = random_resized_crop(rng, images, tuple(aug.crop_scale), tuple(aug.crop_ratio),
                                    aug.flip)
-    out = self.model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"])
+    with _no_logical_rules():
+      out = self.model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"])
     loss, metrics = contrastive_loss(out["image"], out["text"], out["logit_scale"],
                                      out["logit_bias"], self.config.model.loss)
     metrics["logit_scale"] = out["logit_scale"]

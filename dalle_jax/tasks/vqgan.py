@@ -232,7 +232,7 @@ class VQGANTask(base.Task):
       metrics["perceptual_loss"] = p_loss
 
     if self.use_disc:
-      disc_on = (step >= lc.disc_start).astype(jnp.float32)
+      disc_on = jnp.asarray(step >= lc.disc_start, jnp.float32)
       d_params = params["discriminator"]
       # Generator term: gradients reach the VQGAN only.
       g_fn = lambda r: disc_lib.generator_loss(self.disc.apply({"params": sg(d_params)}, r), lc.disc_loss)

@@ -1,0 +1,80 @@
+"""sample.py end to end on a tiny imported checkpoint + tiny VQGAN (random weights)."""
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import dalle as dalle_cfg
+from configs import vqgan as vqgan_cfg
+from dalle_jax.models import dalle
+from dalle_jax.sampling import generate
+
+CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue")
+            for s in ("circle", "square") for b in ("white", "black")]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  from dalle_jax.data import tokenizers
+  from dalle_jax.tasks import vqgan as vq_task
+  from dalle_jax.train import checkpoint as ckpt
+  root = tmp_path_factory.mktemp("sample")
+  # tiny VQGAN (shapes preset layout: 32px -> 8x8 codes, 128 codes)
+  vq_config = vqgan_cfg.get_config("shapes")
+  vq_config.loss.disc_weight = 0.0
+  vq = vq_task.VQGANTask(vq_config)
+  # abstract init + numpy fill: compiling the VQGAN's init costs more than this whole test
+  shapes = nn.meta.unbox(jax.eval_shape(vq.init, jax.random.PRNGKey(0), vq.dummy_batch(1)))
+  rng = np.random.RandomState(0)
+  vq_vars = jax.tree_util.tree_map_with_path(
+      lambda p, s: (np.ones(s.shape, s.dtype) if "scale" in jax.tree_util.keystr(p) else
+                    (0.05 * rng.standard_normal(s.shape)).astype(s.dtype)), shapes)
+  ckpt.save_imported(str(root / "vqgan"), vq_config, vq_vars)
+  # tiny DALL·E over those codes with a SentencePiece tokenizer trained on a few captions
+  tok = tokenizers.train_sentencepiece(CAPTIONS * 20, str(root / "ar" / "sp.model"), 64)
+  config = dalle_cfg.get_config("shapes")
+  config.model.update(dict(text_vocab_size=tok.vocab_size, text_len=8, num_layers=2,
+                           d_model=32, num_heads=4, mlp_dim=64))
+  config.text.max_len = 8
+  config.text.path = "sp.model"
+  config.vqgan = str(root / "vqgan")
+  model = dalle.from_config(config.model, dtype="float32")
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+                               jnp.zeros((1, 64), jnp.int32))
+  ckpt.save_imported(str(root / "ar"), config, nn.meta.unbox(params))
+  return root
+
+
+def test_sample_cli_writes_grid_and_images(checkpoint, tmp_path, caplog):
+  out = tmp_path / "grid.png"
+  long_prompt = " ".join(["red circle"] * 10)
+  with caplog.at_level(logging.WARNING):
+    generate.sample_main(["--checkpoint", str(checkpoint / "ar"), "--prompt", CAPTIONS[0],
+                          "--prompt", long_prompt, "--num_images", "3", "--seed", "1",
+                          "--top_k", "20", "--guidance_scale", "2", "--out", str(out)])
+  assert any("truncated" in r.getMessage() for r in caplog.records)
+  grid = np.asarray(Image.open(out))
+  assert grid.shape[0] > 64 and grid.shape[1] > 3 * 32
+  meta = json.loads((tmp_path / "grid" / "samples.json").read_text())
+  assert len(meta["images"]) == 6 and meta["images"][0]["prompt"] == CAPTIONS[0]
+  img = np.asarray(Image.open(tmp_path / "grid" / meta["images"][0]["file"]))
+  assert img.shape == (32, 32, 3)
+
+
+def test_sample_is_deterministic_and_rejects_empty_prompt(checkpoint):
+  pipe = generate.Pipeline.load(str(checkpoint / "ar"))
+  sp = generate.SamplingParams(top_k=10, guidance_scale=3.0)
+  a = pipe.generate_codes([CAPTIONS[1]], 2, seed=5, sp=sp)
+  assert a.shape == (1, 2, 64) and a.max() < 128
+  np.testing.assert_array_equal(a, pipe.generate_codes([CAPTIONS[1]], 2, seed=5, sp=sp))
+  with pytest.raises(generate.PromptError, match="empty"):
+    pipe.generate_codes(["  "], 1, sp=sp)
+  assert pipe.generate_codes([""], 1, sp=sp, unconditional=True).shape == (1, 1, 64)
+  with pytest.raises(SystemExit, match="prompt"):
+    generate.sample_main(["--checkpoint", str(checkpoint / "ar"), "--out", "x.png"])
