@@ -1,10 +1,12 @@
 """CLIP / SigLIP: contrastive image–text pre-training (family `clip`).
 
   python train.py --config configs/clip.py:shapes --workdir demo/clip
-    tiny ViT + text transformer on the synthetic shapes dataset (32 px), a few
-    minutes on a 2-core CPU; in-batch image->text accuracy climbs from 1/B to
-    > 0.8, and `python -m dalle_jax.tools.zero_shot --clip demo/clip --data_dir data
-    --dataset shapes` then names the shape colour zero-shot with > 90% top-1.
+    tiny ViT + text transformer (0.23M params) on the synthetic shapes dataset
+    (32 px), about 2 minutes on a 2-core CPU: loss ~4.2 -> ~0.55, in-batch
+    image->text accuracy 1/64 -> ~0.7 (identical colour pairs in a batch cap it).
+    Then `python -m dalle_jax.tools.zero_shot --clip demo/clip --data_dir data
+    --dataset shapes/32px_5000 --ensemble logsumexp` names the shape colour of
+    held-out images with ~98% top-1 (shape: ~33%, chance 20%).
   python train.py --config configs/clip.py:vit_b32 --workdir W --config.data.dataset=coco_captions
     ViT-B/32 at OpenAI CLIP's published sizes (also vit_b16, vit_l14).
 
@@ -77,16 +79,18 @@ def get_config(arg=None):
                            vocab_size=vocab, max_len=max_len)
     c.data.dataset = "shapes/32px_5000"
     c.batch_size = 64
-    c.total_steps = 600
+    c.total_steps = 1000
     c.log_every = 50
     c.eval_every = 200
     c.preview_every = 200
     c.checkpoint_every = 200
     c.dtype = "float32"  # CPU: bf16 is slower there
-    c.optimizer = common.optimizer_config("adamw", lr=2e-3)
+    c.optimizer = common.optimizer_config("adamw", lr=3e-3)
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.05
-    c.augment.crop_scale = (0.6, 1.0)  # keep most of the shape in view
+    # Shapes are already randomly placed and sized, and a crop can cut the
+    # shape out of view (its caption then lies): no crops here.
+    c.augment.enabled = False
   else:
     p = VIT_PRESETS[name]
     c.model = model_config(image_size, p["patch"], p["vw"], p["vl"], p["vh"], p["tw"], p["tl"],

@@ -124,6 +124,9 @@ def test_task_step_under_mesh_and_flops(shapes_setup):
     sharded = parallel.shard_batch(batch, mesh)
     grad_fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
     (loss, (metrics, _)), grads = grad_fn(params, {}, sharded, jax.random.PRNGKey(1), 0)
+    # The mesh the trainer enters is picked up: the loss runs sharded.
+    hlo = grad_fn.lower(params, {}, sharded, jax.random.PRNGKey(1), 0).compile().as_text()
+  assert "f32[16,16]" not in hlo and "f32[2,16]" in hlo
   assert np.isfinite(float(loss)) and float(loss) > 0
   assert set(metrics) >= {"i2t_accuracy", "t2i_accuracy", "logit_scale"}
   assert float(jnp.abs(grads["logit_scale"])) > 0

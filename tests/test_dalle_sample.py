@@ -78,3 +78,23 @@ def test_sample_is_deterministic_and_rejects_empty_prompt(checkpoint):
   assert pipe.generate_codes([""], 1, sp=sp, unconditional=True).shape == (1, 1, 64)
   with pytest.raises(SystemExit, match="prompt"):
     generate.sample_main(["--checkpoint", str(checkpoint / "ar"), "--out", "x.png"])
+
+
+def test_task_preview_samples_from_eval_batch(checkpoint):
+  from dalle_jax.tasks import dalle as dalle_task
+  from dalle_jax.train import checkpoint as ckpt
+  config, variables = ckpt.load_model(str(checkpoint / "ar"))
+  config = dalle_cfg.get_config("shapes")
+  config.model.update(dict(text_vocab_size=variables["params"]["text_embed"]["embedding"].shape[0] - 8,
+                           text_len=8, num_layers=2, d_model=32, num_heads=4, mlp_dim=64))
+  config.text.max_len = 8
+  config.text.path = str(checkpoint / "ar" / "sp.model")
+  config.vqgan = str(checkpoint / "vqgan")
+  config.data.dataset = "/nonexistent"
+  config.sampling.num_prompts, config.sampling.samples_per_prompt = 2, 2
+  task = dalle_task.TASK(config)
+  batch = task.dummy_batch(3)
+  batch["text"], batch["text_mask"] = task.tokenizer.encode(CAPTIONS[:3], 8)
+  out = task.preview(variables["params"], {}, batch, jax.random.PRNGKey(0))
+  grid = out["samples"]
+  assert grid.dtype == np.uint8 and grid.shape[0] > 2 * 32 and grid.shape[1] > 3 * 32

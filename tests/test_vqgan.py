@@ -15,6 +15,28 @@ from dalle_jax.models.vqgan import vqgan_from_config
 from dalle_jax.tasks import vqgan as vqgan_task
 
 
+def np_init(abstract_boxed, seed=0):
+  """Fan-in scaled random params without compiling an init (XLA CPU compiles
+  of random initialisers cost seconds each on a loaded 2-core machine)."""
+  rng = np.random.default_rng(seed)
+  def init(path, a):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "bias":
+      return np.zeros(a.shape, np.float32)
+    if name == "scale":
+      return np.ones(a.shape, np.float32)
+    if name == "codebook":
+      return rng.uniform(-1 / a.shape[0], 1 / a.shape[0], a.shape).astype(np.float32)
+    return (rng.normal(0, 1, a.shape) / np.sqrt(np.prod(a.shape[:-1]))).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(init, nn.unbox(abstract_boxed))
+
+
+def task_init(task, batch, seed=0):
+  """(params, model_state) for `task` via np_init."""
+  v = dict(np_init(jax.eval_shape(task.init, jax.random.key(0), batch), seed))
+  return v.pop("params"), v
+
+
 # --- quantizer ----------------------------------------------------------------------
 
 def _quantizer_vars(q, z, seed=0):
@@ -165,8 +187,7 @@ def test_adaptive_weight_and_gradient_separation():
   config.disc.norm = "none"
   task = vqgan_task.VQGANTask(config)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
-  v = nn.unbox(jax.jit(task.init)(jax.random.key(1), {"image": x}))
-  params = v.pop("params")
+  params, v = task_init(task, {"image": x}, seed=1)
   config.loss.disc_start = 3  # (traced) step 5: GAN on; step 1: off
   task = vqgan_task.VQGANTask(config)
   loss_and_grads = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
@@ -178,25 +199,23 @@ def test_adaptive_weight_and_gradient_separation():
     p["vqgan"]["decoder"]["conv_out"]["kernel"] = kernel
     return task.model.apply({"params": p["vqgan"]}, x)[0]
   kernel = params["vqgan"]["decoder"]["conv_out"]["kernel"]
-  @jax.jit
   def brute(kernel):
     g_nll = jax.grad(lambda k: jnp.mean(jnp.abs(x - recon_with(k))))(kernel)
     g_gan = jax.grad(lambda k: -jnp.mean(
         task.disc.apply({"params": params["discriminator"]}, recon_with(k))))(kernel)
     return g_nll, g_gan
-  g_nll, g_gan = brute(kernel)
+  def d_only(dp):
+    recon = jax.lax.stop_gradient(task.model.apply({"params": params["vqgan"]}, x)[0])
+    d = lambda im: task.disc.apply({"params": dp}, im)
+    return disc_lib.discriminator_loss(d(x), d(recon), "hinge")
+  (g_nll, g_gan), want_d = jax.jit(lambda k, dp: (brute(k), jax.grad(d_only)(dp)))(
+      kernel, params["discriminator"])
   want = 0.8 * np.linalg.norm(g_nll) / (np.linalg.norm(g_gan) + 1e-4)
   np.testing.assert_allclose(float(metrics["d_weight"]), want, rtol=1e-4)
   np.testing.assert_allclose(float(vqgan_task.adaptive_weight(g_nll, g_gan, 0.5)),
                              min(0.5, want / 0.8), rtol=1e-4)
-
   # The single loss's gradient splits cleanly: discriminator params only see the
   # discriminator loss (the VQGAN's GAN term reads them through stop_gradient).
-  recon = jax.lax.stop_gradient(task.model.apply({"params": params["vqgan"]}, x)[0])
-  def d_only(dp):
-    d = lambda im: task.disc.apply({"params": dp}, im)
-    return disc_lib.discriminator_loss(d(x), d(recon), "hinge")
-  want_d = jax.jit(jax.grad(d_only))(params["discriminator"])
   for a, b in zip(jax.tree.leaves(grads["discriminator"]), jax.tree.leaves(want_d)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
   # Before disc_start the GAN terms vanish from the loss.
@@ -259,8 +278,7 @@ def test_learns_to_reconstruct_shapes():
   c.model.quantizer.l2_normalize = True
   c.data.image_size = 16
   task = vqgan_task.VQGANTask(c)
-  v = nn.unbox(jax.jit(task.init)(jax.random.key(0), {"image": train[:1]}))
-  params = v.pop("params")
+  params, v = task_init(task, {"image": train[:1]})
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, 200, 3e-4), b1=0.9, b2=0.99)
   opt = tx.init(params)
 
@@ -274,11 +292,8 @@ def test_learns_to_reconstruct_shapes():
   evaluate = jax.jit(task.eval_fn)
   before = evaluate(params, v, {"image": test}, jax.random.key(0))
   rng = np.random.default_rng(0)
-  import time
-  t = time.time()
   for i in range(200):
     params, opt, v, _ = step(params, opt, v, train[rng.integers(0, len(train), 16)], i)
-  print("train", time.time() - t)
   after = evaluate(params, v, {"image": test}, jax.random.key(0))
   print({k: (round(float(before[k]), 3), round(float(after[k]), 3)) for k in after})
   assert float(after["rec_loss"]) < 0.35 * float(before["rec_loss"])
@@ -286,12 +301,61 @@ def test_learns_to_reconstruct_shapes():
   assert float(after["ssim"]) > 0.5
   assert float(after["codebook_usage"]) > 0.2
 
-  # the public helpers agree with the model
+  # the public helpers (encode_images / decode_codes) reconstruct as well as eval_fn
   cfg_vars = {"params": params}
-  codes = vqgan_task.encode_images(c, cfg_vars, test[:4])
-  assert codes.shape == (4, 8, 8) and codes.dtype == jnp.int32
-  recon, aux = vqgan_task.reconstruct(c, cfg_vars, test[:4])
-  np.testing.assert_array_equal(np.asarray(aux["codes"]), np.asarray(codes))
-  np.testing.assert_allclose(np.asarray(vqgan_task.decode_codes(c, cfg_vars, codes)), np.asarray(recon), atol=1e-5)
+  codes = vqgan_task.encode_images(c, cfg_vars, test[:8])
+  assert codes.shape == (8, 8, 8) and codes.dtype == jnp.int32
+  recon = vqgan_task.decode_codes(c, cfg_vars, codes)
+  assert recon.shape == (8, 16, 16, 3) and float(jnp.abs(recon).max()) <= 1.0
+  helper_psnr = float(jnp.mean(vqgan_task.psnr(jnp.asarray(test[:8]), recon)))
+  assert helper_psnr > float(before["psnr"]) + 8
   grid = task.preview(params, v, {"image": test}, jax.random.key(0))["reconstructions"]
-  assert grid.dtype == np.uint8 and grid.shape[2] == 3
+  assert grid.dtype == np.uint8 and grid.shape == (2 * 18 + 2, 8 * 18 + 2, 3)  # 8 (input, recon) pairs
+
+
+# --- tools ---------------------------------------------------------------------------------
+
+def test_reconstruct_and_encode_dataset_tools(tmp_path, capsys):
+  from PIL import Image
+  from dalle_jax.data import records, shapes
+  from dalle_jax.tools import encode_dataset, reconstruct
+  from dalle_jax.train.checkpoint import save_imported
+  c = _tiny_gan_config()
+  c.loss.disc_weight = 0.0
+  c.dtype = "float32"
+  task = vqgan_task.VQGANTask(c)
+  params, state = task_init(task, task.dummy_batch(1))
+  save_imported(str(tmp_path / "ckpt"), c, {"params": params, **state})
+
+  src = tmp_path / "in"
+  src.mkdir()
+  for i in range(3):
+    Image.fromarray(shapes.make_example(i, "test", 24)["image"]).save(src / f"im{i}.png")
+  (src / "broken.jpg").write_bytes(b"not an image")
+  out = reconstruct.main(["--checkpoint", str(tmp_path / "ckpt"), "--input", str(src),
+                          "--output", str(tmp_path / "out"), "--batch_size", "2"])
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["im0.png", "im1.png", "im2.png"]
+  assert np.asarray(Image.open(tmp_path / "out" / "im0.png")).shape == (16, 16, 3)  # 24px cropped to 16
+  assert out["count"] == 3 and out["skipped"] == 1 and 0 < out["codebook_usage"] <= 1
+  printed = capsys.readouterr().out
+  assert "PSNR" in printed and "SSIM" in printed and "broken.jpg" in printed
+
+  encode_dataset.main(["--vqgan", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path / "data"),
+                       "--dataset", "shapes/16px_40", "--out", str(tmp_path / "codes"),
+                       "--batch_size", "12"])
+  train = records.RecordsSource(str(tmp_path / "codes"), "train")
+  assert len(train) == 40 and len(records.RecordsSource(str(tmp_path / "codes"), "test")) == 16
+  ex = train[5]
+  assert ex["codes"].shape == (8, 8) and ex["codes"].dtype == np.int32 and "caption" in ex
+  assert "shape" in ex and "color" in ex
+  # deterministic and equal to encoding the same example directly
+  direct = vqgan_task.encode_images(c, {"params": params}, train_image(tmp_path, 5))
+  np.testing.assert_array_equal(np.asarray(direct)[0], ex["codes"])
+
+
+def train_image(tmp_path, i):
+  from dalle_jax.data import images as img_lib, pipeline
+  import ml_collections
+  cfg = ml_collections.ConfigDict({"dataset": "shapes/16px_40", "data_dir": str(tmp_path / "data")})
+  ex = pipeline.load_source(cfg, "train")[i]
+  return img_lib.to_float(img_lib.resize_and_crop(img_lib.decode(ex["image"]), 16))[None]

@@ -190,6 +190,7 @@ class DalleMini(nn.Module):
     """(B, L) ids + bool mask (False = padding) -> encoder states (B, L, D)."""
     pos = jnp.arange(text_bl.shape[1])
     x = self.enc_embed(text_bl) + self.enc_pos(pos)[None]
+    x = layers.constrain(x, ("batch", "length", "embed"))
     x = self.enc_ln_embed(x).astype(self.dtype)
     mask = text_mask_bl[:, None, None, :]
     x = self.enc_layers(x, mask)
@@ -205,6 +206,7 @@ class DalleMini(nn.Module):
     t = prev_bt.shape[1]
     pos = first + jnp.arange(t)
     x = self.dec_embed(prev_bt) + self.dec_pos(pos)[None]
+    x = layers.constrain(x, ("batch", "length", "embed"))
     x = self.dec_ln_embed(x).astype(self.dtype)
     cross_mask = text_mask_bs[:, None, None, :]
     self_mask = None if self.decode else layers.causal_mask(t)

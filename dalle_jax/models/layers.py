@@ -11,6 +11,7 @@ K head dim, F MLP width, L layers.
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
+from flax.linen import dtypes as flax_dtypes
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,12 +48,50 @@ class DenseGeneral(nn.Module):
     features = self.features if isinstance(self.features, tuple) else (self.features,)
     n_out = len(features)
     bias_axes = tuple(self.kernel_axes[-n_out:])
-    return nn.DenseGeneral(
-        features=self.features, axis=self.axis, use_bias=self.use_bias,
-        dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
-        name="dense")(x)
+    return _DenseGeneralKernel(
+        features=features, axis=self.axis, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+        kernel_axes=tuple(self.kernel_axes), bias_axes=bias_axes, name="dense")(x)
+
+
+class _DenseGeneralKernel(nn.Module):
+  """The 'dense' child of DenseGeneral: same parameters as nn.DenseGeneral
+  (kernel (*in, *out), bias (*out)), but the kernel is created in its final
+  shape so that its logical-axis constraint also holds at init under a mesh
+  (nn.DenseGeneral constrains a flat (in, out) kernel with the N-d names).
+  Initialised as the flat 2-D kernel reshaped, like nn.DenseGeneral (fan-in =
+  all input features)."""
+  features: Any
+  axis: Any
+  use_bias: bool
+  dtype: Dtype
+  param_dtype: Dtype
+  kernel_init: Callable
+  kernel_axes: Sequence[str]
+  bias_axes: Sequence[str]
+
+  @nn.compact
+  def __call__(self, x):
+    axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+    axes = tuple(a % x.ndim for a in axes)
+    in_shape = tuple(x.shape[a] for a in axes)
+    n_in = int(np.prod(in_shape))
+    n_out = int(np.prod(self.features))
+    init = self.kernel_init
+
+    def flat_init(key, shape, dtype):
+      return jnp.reshape(init(key, (n_in, n_out), dtype), shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(flat_init, tuple(self.kernel_axes)),
+                        in_shape + tuple(self.features), self.param_dtype)
+    x, kernel = flax_dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axes, tuple(range(len(axes)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),
+                        tuple(self.features), self.param_dtype)
+      bias = jnp.asarray(bias, y.dtype)
+      y = y + bias
+    return y
 
 
 def Dense(features, kernel_axes, name=None, **kw):

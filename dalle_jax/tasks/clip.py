@@ -12,7 +12,6 @@ psum'd, and the gradients equal the unsharded loss's (tests/test_clip_task.py).
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,19 +146,6 @@ def tower_flops(tokens, width, layers, mlp_dim):
   return layers * per_layer
 
 
-def _no_logical_rules():
-  """Model calls run without logical-axis rules.
-
-  Workaround: flax's nn.DenseGeneral (inside layers.DenseGeneral / Attention)
-  initialises — and at apply time shape-checks by eval_shape'ing — its kernel
-  flattened to (D, H*K), and with rules active the 3-name (D, H, K) constraint
-  is applied to that rank-2 array and fails under a mesh. Parameters keep
-  their logical names (the trainer shards them from the boxes); activations
-  follow the batch sharding of the inputs by propagation.
-  """
-  return nn.logical_axis_rules(())
-
-
 class ClipTask(base.Task):
   name = "clip"
 
@@ -216,9 +202,8 @@ class ClipTask(base.Task):
 
   # --- model ---------------------------------------------------------------
   def init(self, rng, batch):
-    with _no_logical_rules():
-      return self.model.init({"params": rng}, batch["image"][:1], batch["text_ids"][:1],
-                             batch["text_mask"][:1])
+    return self.model.init({"params": rng}, batch["image"][:1], batch["text_ids"][:1],
+                           batch["text_mask"][:1])
 
   def _forward(self, params, batch, rng, train):
     images = batch["image"]
@@ -226,8 +211,7 @@ class ClipTask(base.Task):
     if train and aug is not None and aug.enabled:
       images = random_resized_crop(rng, images, tuple(aug.crop_scale), tuple(aug.crop_ratio),
                                    aug.flip)
-    with _no_logical_rules():
-      out = self.model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"])
+    out = self.model.apply({"params": params}, images, batch["text_ids"], batch["text_mask"])
     loss, metrics = contrastive_loss(out["image"], out["text"], out["logit_scale"],
                                      out["logit_bias"], self.config.model.loss)
     metrics["logit_scale"] = out["logit_scale"]

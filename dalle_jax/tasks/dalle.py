@@ -140,7 +140,11 @@ class DalleTask(base.Task):
     if codes.shape[0] != self.num_codes:
       raise ValueError(f"example has {codes.shape[0]} codes; model.image_grid="
                        f"{self.config.model.image_grid} expects {self.num_codes}")
-    return {"text": ids[0], "text_mask": mask[0], "codes": codes}
+    out = {"text": ids[0], "text_mask": mask[0], "codes": codes}
+    # in place as well: a pipeline may keep the dict it passed in
+    example.clear()
+    example.update(out)
+    return example
 
   def dummy_batch(self, batch_size):
     return {"text": np.zeros((batch_size, self.text_len), np.int32),

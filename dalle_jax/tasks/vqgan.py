@@ -19,7 +19,7 @@ Variables: {'params': {'vqgan': ..., 'discriminator': ...}, 'vq_ema': ..., 'lpip
 Helpers for other families and tools (jitted, cached per config):
   encode_images(config, variables, images (B, H, W, 3) in [-1, 1]) -> codes (B, h, w) int32
   decode_codes(config, variables, codes (B, h, w)) -> images (B, H, W, 3) in [-1, 1]
-  reconstruct(config, variables, images) -> (images, codes)
+  reconstruct(config, variables, images) -> (images in [-1, 1], codes)
 """
 import functools
 import json
@@ -107,12 +107,7 @@ def _jitted(config_json):
   def decode(v, codes):
     return jnp.clip(model.apply(v, codes, method=model.decode_codes), -1.0, 1.0)
 
-  @jax.jit
-  def recon(v, images):
-    out, aux = model.apply(v, images)
-    return jnp.clip(out, -1.0, 1.0), aux
-
-  return encode, decode, recon
+  return encode, decode
 
 
 def _key(config):
@@ -133,10 +128,9 @@ def decode_codes(config, variables, codes):
 
 
 def reconstruct(config, variables, images):
-  """Images -> (reconstructions in [-1, 1], aux with 'codes', 'codebook_usage', ...)."""
-  if config.model.get("decoder_only", False):
-    raise ValueError("decoder-only VQGAN checkpoint: cannot reconstruct (no encoder)")
-  return _jitted(_key(config))[2](vqgan_variables(variables), jnp.asarray(images, jnp.float32))
+  """Images -> (reconstructions in [-1, 1], codes (B, h, w) int32): decode(encode(x))."""
+  codes = encode_images(config, variables, images)
+  return decode_codes(config, variables, codes), codes
 
 
 # --- the task ----------------------------------------------------------------------

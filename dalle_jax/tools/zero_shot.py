@@ -38,15 +38,34 @@ def shapes_prompts(field):
   raise ValueError(f"shapes has label fields color|shape|background, not {field!r}")
 
 
-def class_embeddings(encoder, classnames, templates):
-  """(C, E) unit-norm class embeddings, each the mean over its templates."""
-  if not templates:
-    templates = ["{}"]
+def prompt_embeddings(encoder, classnames, templates):
+  """(C, T, E) unit-norm embeddings of every class x template prompt."""
+  templates = templates or ["{}"]
   texts = [t.replace("{}", c) for c in classnames for t in templates]
-  emb = encoder.encode_texts(texts).reshape(len(classnames), len(templates), -1)
-  emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-  mean = emb.mean(axis=1)
+  return encoder.encode_texts(texts).reshape(len(classnames), len(templates), -1)
+
+
+def class_embeddings(encoder, classnames, templates):
+  """(C, E) unit-norm class embeddings, each the mean over its templates (CLIP)."""
+  mean = prompt_embeddings(encoder, classnames, templates).mean(axis=1)
   return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def class_scores(encoder, image_emb, classnames, templates, ensemble="mean"):
+  """(N, C) class scores of image embeddings.
+
+  ensemble="mean": cosine to the mean template embedding (the CLIP paper's
+  prompt ensembling). "logsumexp": log of the summed probabilities of a
+  class's prompts — marginalises templates that spell out nuisance factors
+  (shapes' prompts enumerate the other colour / shape) in probability space.
+  """
+  if ensemble == "mean":
+    return image_emb @ class_embeddings(encoder, classnames, templates).T
+  if ensemble == "logsumexp":
+    from scipy.special import logsumexp  # pylint: disable=g-import-not-at-top
+    z = np.einsum("ne,cte->nct", image_emb, prompt_embeddings(encoder, classnames, templates))
+    return logsumexp(encoder.logit_scale * z, axis=-1)
+  raise ValueError(f"unknown ensemble {ensemble!r}; choose mean|logsumexp")
 
 
 def topk_accuracy(scores_nc, labels_n, ks=(1, 5)):
@@ -59,11 +78,11 @@ def topk_accuracy(scores_nc, labels_n, ks=(1, 5)):
   return out
 
 
-def zero_shot(encoder, image_emb, labels, classnames, templates):
+def zero_shot(encoder, image_emb, labels, classnames, templates, ensemble="mean"):
   """Top-1/top-5 accuracy of classifying image embeddings by prompt similarity."""
-  cls = class_embeddings(encoder, classnames, templates)
-  scores = image_emb @ cls.T
+  scores = class_scores(encoder, image_emb, classnames, templates, ensemble)
   res = topk_accuracy(scores, labels)
+  res["ensemble"] = ensemble
   res["num_classes"] = len(classnames)
   res["chance_top1"] = 1.0 / len(classnames)
   return res
@@ -113,7 +132,7 @@ def _list_arg(value, sep):
 
 
 def evaluate(encoder, data_cfg, dataset, split="test", labels=None, classnames=None,
-             templates=None, max_examples=None):
+             templates=None, max_examples=None, ensemble="mean"):
   """Zero-shot + retrieval metrics on `split` of `dataset` -> dict."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   _ = encoder.tokenizer  # built from the model's own data config before we change it
@@ -135,7 +154,8 @@ def evaluate(encoder, data_cfg, dataset, split="test", labels=None, classnames=N
       temps = temps or temps_default
     if names is None:
       raise ValueError(f"--classnames is needed for label field {field!r} of {dataset}")
-    results[field] = zero_shot(encoder, img_emb, label_values[field], names, temps or ["{}"])
+    results[field] = zero_shot(encoder, img_emb, label_values[field], names, temps or ["{}"],
+                               ensemble)
   if captions:
     results["retrieval"] = retrieval_recall(img_emb, encoder.encode_texts(captions))
   return results
@@ -152,6 +172,8 @@ def main(argv=None):
                  help="integer label field(s) to classify (shapes: color, shape, background)")
   p.add_argument("--classnames", default=None, help="file (one per line) or comma-separated list")
   p.add_argument("--templates", default=None, help="file (one per line) or '|'-separated list with {}")
+  p.add_argument("--ensemble", default="mean", choices=["mean", "logsumexp"],
+                 help="prompt ensembling: mean embedding (CLIP) or summed probabilities")
   p.add_argument("--max_examples", type=int, default=None)
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -165,7 +187,7 @@ def main(argv=None):
     # The tokenizer of a model trained here may be cached in its own data_dir.
     results = evaluate(enc, data_cfg, args.dataset, args.split, args.label,
                        _list_arg(args.classnames, ","), _list_arg(args.templates, "|"),
-                       args.max_examples)
+                       args.max_examples, args.ensemble)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise SystemExit(f"error: {e}") from None
   text = json.dumps(results, indent=2)
