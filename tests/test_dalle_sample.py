@@ -98,3 +98,21 @@ def test_task_preview_samples_from_eval_batch(checkpoint):
   out = task.preview(variables["params"], {}, batch, jax.random.PRNGKey(0))
   grid = out["samples"]
   assert grid.dtype == np.uint8 and grid.shape[0] > 2 * 32 and grid.shape[1] > 3 * 32
+
+
+def test_sample_cli_rerank_keeps_top(checkpoint, tmp_path, monkeypatch):
+  from dalle_jax.sampling import rerank as rerank_lib
+  calls = {}
+
+  def fake_rerank(clip, prompts, groups, top_k):
+    calls.update(clip=clip, n=[len(g) for g in groups], top_k=top_k)
+    return [g[:top_k] for g in groups], [np.arange(top_k, 0, -1.0) for _ in groups]
+  monkeypatch.setattr(rerank_lib, "rerank", fake_rerank)
+  out = tmp_path / "r.png"
+  # same shapes and settings as the first CLI test: reuses its compiled loops
+  generate.sample_main(["--checkpoint", str(checkpoint / "ar"), "--prompt", CAPTIONS[2],
+                        "--prompt", CAPTIONS[3], "--num_images", "3", "--seed", "1", "--top_k", "20", "--guidance_scale", "2",
+                        "--rerank_with", "CLIPDIR", "--rerank_top", "2", "--out", str(out)])
+  assert calls == {"clip": "CLIPDIR", "n": [3, 3], "top_k": 2}
+  meta = json.loads((tmp_path / "r" / "samples.json").read_text())
+  assert [r["clip_score"] for r in meta["images"]] == [2.0, 1.0, 2.0, 1.0]

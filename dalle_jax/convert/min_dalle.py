@@ -196,6 +196,8 @@ def convert(src, variant, out, *, ignore_unexpected=False, with_vqgan=True):
   with config.unlocked():
     config.text.tokenizer = "bart_bpe"
     config.text.path = "tokenizer"
+    config.scan_layers = False  # the converted tree is per-layer (layer_0, layer_1, ...)
+    config.remat = "none"
   detoker = os.path.join(src, "vqgan", "detoker.pt")
   if with_vqgan and os.path.isfile(detoker):
     vq_out = os.path.join(out, "vqgan")

@@ -218,7 +218,7 @@ class _BatchLoader:
     else:
       examples = [self.source[i] for i in indices]
     examples = [dict(ex) for ex in examples]
-    for p, ex in zip(positions, examples):
+    for j, (p, ex) in enumerate(zip(positions, examples)):
       if "image" in ex:
         rng = np.random.default_rng([self.seed, p]) if self.random_crop else None
         try:
@@ -229,7 +229,7 @@ class _BatchLoader:
       if self.preprocess is not None:
         if "image" in ex:
           ex["image"] = img_lib.to_float(ex["image"])
-        ex = self.preprocess(ex)
+        examples[j] = self.preprocess(ex)
     batch = {k: _stack(k, [ex[k] for ex in examples]) for k in examples[0]}
     if self.preprocess is None and "image" in batch:
       batch["image"] = img_lib.to_float(batch["image"])

@@ -222,10 +222,6 @@ class DalleTransformer(nn.Module):
     h = self._run(x, self.text_len + 1 + j, use_mask=self.attention != "full")
     return self.image_head(h[:, -1]).astype(jnp.float32)
 
-  def image_logits_full(self, text_bl, codes_bn):
-    """Image logits only (no text head): used by the no-cache baseline."""
-    return self(text_bl, codes_bn)[1]
-
 
 def from_config(model_cfg, *, decode=False, dtype=None, param_dtype=None, remat=None,
                 scan=None):

@@ -179,16 +179,11 @@ def _parser():
 
 
 def _rerank(clip_path, prompts, images, top):
-  """Calls dalle_jax.sampling.rerank.rerank; returns per-prompt uint8 (K, H, W, 3)."""
+  """dalle_jax.sampling.rerank.rerank -> (uint8 (P, K, H, W, 3), CLIP scores (P, K))."""
   from dalle_jax.sampling import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
-  result = rerank_lib.rerank(clip_path, prompts, [images[i] for i in range(len(prompts))], top)
-  if isinstance(result, tuple) and len(result) == 2 and not isinstance(result[0], np.ndarray):
-    result = result[0]  # (images, scores)
-  out = []
-  for i, r in enumerate(result):
-    r = np.asarray(r)
-    out.append(images[i][r] if r.ndim == 1 else r)  # indices or images
-  return np.stack(out)
+  kept, scores = rerank_lib.rerank(clip_path, list(prompts), [images[i] for i in range(len(prompts))],
+                                   top)
+  return np.stack([np.asarray(k) for k in kept]), np.stack([np.asarray(s) for s in scores])
 
 
 def sample_main(argv=None):
@@ -216,8 +211,9 @@ def sample_main(argv=None):
     images = pipe.decode_images(codes)  # (P, n, H, W, 3)
   except (PromptError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
+  scores = None
   if args.rerank_with:
-    images = _rerank(args.rerank_with, prompts, images, args.rerank_top or args.num_images)
+    images, scores = _rerank(args.rerank_with, prompts, images, args.rerank_top or args.num_images)
   out = os.path.abspath(args.out)
   stem = os.path.splitext(out)[0]
   os.makedirs(stem, exist_ok=True)
@@ -227,6 +223,8 @@ def sample_main(argv=None):
       name = f"p{p:02d}_{i:03d}.png"
       Image.fromarray(img).save(os.path.join(stem, name))
       rows.append({"file": name, "prompt": prompt, "prompt_index": p, "sample": i})
+      if scores is not None:
+        rows[-1]["clip_score"] = float(scores[p, i])
   with open(os.path.join(stem, "samples.json"), "w") as f:
     json.dump({"images": rows, "seed": args.seed, "sampling": sp.__dict__}, f, indent=2)
   n = images.shape[1]

@@ -186,7 +186,11 @@ class VQGANTask(base.Task):
     return groups
 
   def param_labels(self, params):
-    return {k: jax.tree.map(lambda _, k=k: "discriminator" if k == "discriminator" else "generator", v)
+    # Boxed parameters (logical names) are labelled as a whole, so optax's masks
+    # replace whole boxes rather than the arrays inside them.
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    return {k: jax.tree.map(lambda _, k=k: "discriminator" if k == "discriminator" else "generator",
+                            v, is_leaf=is_box)
             for k, v in params.items()}
 
   # --- objective ---

@@ -7,15 +7,15 @@
 The task (`dalle_jax.tasks.<family>`) supplies the objective; everything here
 is shared by all families.
 """
-import functools
-import json
 import logging
 import os
+import shutil
 import signal
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -166,10 +166,40 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def _snapshot_tokenizer(config, workdir):
+  """Copies the text tokenizer into WORKDIR/tokenizer/ so the workdir is self-contained.
+
+  Returns the config to record, whose text.path points at the copy (relative, so
+  `checkpoint.load_model` resolves it wherever the workdir is moved).
+  """
+  if "text" not in config:
+    return config
+  from dalle_jax.data import tokenizers
+  text = config.text
+  src = text.path
+  if not src and text.tokenizer == "sentencepiece":
+    tokenizers.get_tokenizer(text, config.data)  # trains and caches it if needed
+    src = tokenizers.cached_sentencepiece_path(text, config.data)
+  if not src or not os.path.exists(src):
+    return config
+  dst = os.path.join(workdir, "tokenizer", os.path.basename(os.path.normpath(src)))
+  if jax.process_index() == 0 and os.path.abspath(src) != os.path.abspath(dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.isdir(src):
+      shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+      shutil.copyfile(src, dst + ".tmp")
+      os.replace(dst + ".tmp", dst)
+  recorded = ml_collections.ConfigDict(config.to_dict())
+  recorded.text.path = os.path.relpath(dst, workdir)
+  return recorded
+
+
 def _write_config(config, workdir):
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
+  config = _snapshot_tokenizer(config, workdir)
   tmp = os.path.join(workdir, "config.json.tmp")
   with open(tmp, "w") as f:
     f.write(config.to_json_best_effort(indent=2))
