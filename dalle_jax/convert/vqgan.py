@@ -18,6 +18,12 @@ embed_dim, n_embed) is read off the tensors; `--resolution` (default 256) fixes
 what the attention levels mean. Every tensor is then checked by name and shape
 against our model, and any missing or unexpected one is an error naming it.
 
+Our blocks apply attention j right after res block j, as taming (and min-dalle)
+do. The vqgan-jax code we read (patil-suraj/vqgan-jax modeling_flax_vqgan.py)
+instead runs every attention block of a level after each res block; its weights
+are converted taming weights, so we keep taming's order and match taming /
+min-dalle outputs, not that port's, at levels with attention.
+
 Numerics per format: taming and vqgan-jax use GroupNorm eps 1e-6; min-dalle's
 re-implementation uses PyTorch's default 1e-5, which we copy so that decoding
 matches min-dalle. DALL·E mini's VQGAN works on [0, 1] images (min-dalle clips
@@ -88,7 +94,7 @@ def _torch_to_ours(sd, fmt):
       skipped.append(key)
       continue
     name = key
-    if fmt == "min_dalle" and name == "embedding.weight":
+    if name == "embedding.weight":  # min-dalle's name for the codebook
       name = "quantize.embedding.weight"
     if name == "quantize.embedding.weight":
       flat["quantize/codebook"] = value

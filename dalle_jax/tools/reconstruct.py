@@ -45,6 +45,7 @@ def main(argv=None):
   parser.add_argument("--image_size", type=int, default=0, help="default: the model's data.image_size")
   args = parser.parse_args(argv)
 
+  from PIL import Image
   from tqdm import tqdm
   import jax.numpy as jnp
   from dalle_jax.data import images as img_lib
@@ -93,7 +94,6 @@ def main(argv=None):
     np.add.at(counts, np.asarray(codes)[:n].reshape(-1), 1)
     out = img_lib.to_uint8(np.asarray(recon)[:n])
     for name, im in zip(batch_names, out):
-      from PIL import Image
       Image.fromarray(im).save(os.path.join(args.output, name))
   bar.close()
 
