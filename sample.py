@@ -1,18 +1,33 @@
-"""Sample images from a text->image model (DALL·E / DALL·E mini).
+"""Sample images from a text->image model.
 
+Autoregressive (DALL·E / DALL·E mini), the default `--method ar`:
   python sample.py --workdir demo/dalle --prompt "a red circle on a blue background" \
-      --num_images 8 --seed 0 --out demo/samples.png
+      --num_images 8 --seed 0 --out demo/samples.png [--rerank_with demo/clip --rerank_top 4]
   python sample.py --checkpoint ckpt/mega --prompt "an avocado armchair" --top_k 256 \
-      --guidance_scale 16 --out avocado.png [--rerank_with CLIP_DIR --rerank_top 2]
-
+      --guidance_scale 16 --out avocado.png
 Writes the grid PNG (one row per prompt) and the individual images plus
 samples.json in a folder beside it (OUT without its extension).
 Options: --top_k, --top_p, --temperature, --guidance_scale, --vqgan (override the
 VQGAN recorded in the model's config), --unconditional, --batch_size.
+
+VQGAN+CLIP (optimises a VQGAN latent grid towards the prompt under CLIP):
+  python sample.py --method vqgan_clip --vqgan demo/vqgan --clip demo/clip \
+      --prompt "a red circle on a blue background" --steps 200 --out vqclip.png [--save_every 20]
 """
+import argparse
 import sys
 
-from dalle_jax.sampling.generate import sample_main
+
+def main(argv):
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--method", default="ar", choices=["ar", "vqgan_clip"])
+  known, rest = pre.parse_known_args(argv)
+  if known.method == "vqgan_clip":
+    from dalle_jax.sampling.vqgan_clip import vqgan_clip_main
+    return vqgan_clip_main(rest)
+  from dalle_jax.sampling.generate import sample_main
+  return sample_main(rest)
+
 
 if __name__ == "__main__":
-  sample_main(sys.argv[1:])
+  main(sys.argv[1:])

@@ -16,8 +16,8 @@ CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue", "
 def tiny_vqgan_config(codebook_dim=4, l2_normalize=True):
   from configs import vqgan as vqgan_configs
   c = vqgan_configs.get_config("shapes")
-  c.model = vqgan_configs.model_config(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1,
-                                       attn_resolutions=(4,), resolution=32, z_channels=8,
+  c.model = vqgan_configs.model_config(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=0,
+                                       attn_resolutions=(), resolution=32, z_channels=8,
                                        embed_dim=8, n_embed=32)  # f8: 32 px <-> 4x4 codes
   c.model.norm_groups = 4
   c.model.quantizer.codebook_dim = codebook_dim
@@ -27,10 +27,31 @@ def tiny_vqgan_config(codebook_dim=4, l2_normalize=True):
   return c
 
 
+def random_variables(init_fn, *args, seed=0):
+  """Random variables of a model's shapes, drawn with numpy: traces the init
+  abstractly instead of compiling it (much faster on a busy 2-core CPU)."""
+  rng = np.random.default_rng(seed)
+  abstract = nn.unbox(jax.eval_shape(init_fn, jax.random.key(0), *args))
+
+  def fill(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if name == "scale":
+      return np.ones(x.shape, np.float32)
+    if name == "bias":
+      return np.zeros(x.shape, np.float32)
+    if name == "logit_scale":
+      return np.full(x.shape, np.log(1 / 0.07), np.float32)
+    fan_in = int(np.prod(x.shape[:-1])) if len(x.shape) >= 2 else 2500
+    return (rng.standard_normal(x.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
 def init_vqgan(config, seed=0):
-  from dalle_jax.tasks.vqgan import VQGANTask
-  task = VQGANTask(config)
-  return nn.unbox(task.init(jax.random.key(seed), task.dummy_batch(1)))
+  from dalle_jax.models.vqgan import vqgan_from_config
+  model = vqgan_from_config(config)
+  v = random_variables(model.init, np.zeros((1, 32, 32, 3), np.float32), seed=seed)
+  return {"params": {"vqgan": v["params"]}}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +73,7 @@ def ckpts(tmp_path_factory):
   clip_dir = root / "clip"
   train_sentencepiece(CAPTIONS, str(clip_dir / "tokenizer" / "spm.model"), vocab_size=64)
   c.text.path = "tokenizer/spm.model"  # relative: resolved against the checkpoint dir
-  variables = nn.unbox(clip_lib.build_model(c).init(jax.random.key(1), *clip_lib.dummy_inputs(c)))
+  variables = random_variables(clip_lib.build_model(c).init, *clip_lib.dummy_inputs(c), seed=1)
   save_imported(str(clip_dir), c, variables)
   return str(root / "vqgan"), str(clip_dir)
 
@@ -92,6 +113,11 @@ def test_deterministic_per_seed(gen):
   np.testing.assert_array_equal(a["image"], b["image"])
   assert a["history"] == b["history"]
   assert not np.array_equal(a["codes"], c["codes"])
+  d = gen.generate(PROMPT, steps=5, num_cutouts=4, seed=3, lr=0.02, progress=False)
+  assert d["history"][0] == a["history"][0] and d["history"][1:] != a["history"][1:]
+  # One compilation of the step serves every seed, prompt and learning rate.
+  from dalle_jax.sampling.vqgan_clip import Settings
+  assert gen._fns(Settings(num_cutouts=4)).step._cache_size() == 1
 
 
 def test_init_image_and_errors(gen, ckpts, tmp_path):
@@ -114,23 +140,34 @@ def test_init_image_and_errors(gen, ckpts, tmp_path):
     vqgan_clip.VQGANCLIP(ckpts[1], ckpts[1])
 
 
-def test_decoder_only_vqgan(ckpts):
-  """A decoder-only import (min-dalle style: no encoder/quant_conv) still generates."""
+def test_decoder_only_vqgan(gen, ckpts):
+  """A decoder-only import (min-dalle style: no encoder/quant_conv) generates the
+  same image as the full VQGAN: only the quantizer and decoder take part."""
   from dalle_jax.sampling import vqgan_clip
-  config = tiny_vqgan_config(codebook_dim=0, l2_normalize=False)
+  config = tiny_vqgan_config()
   config.model.decoder_only = True
-  variables = init_vqgan(config, seed=2)
-  params = {k: v for k, v in variables["params"]["vqgan"].items()
-            if k not in ("encoder", "quant_conv")}
-  params["quantize"] = {"codebook": params["quantize"]["codebook"] * 32}  # spread the codes
-  gen = vqgan_clip.VQGANCLIP((config, {"params": {"vqgan": params}}), ckpts[1])
-  out = gen.generate(PROMPT, steps=3, num_cutouts=2, grid=(2, 3), progress=False)
-  assert out["image"].shape == (16, 24, 3) and out["codes"].shape == (2, 3)
+  params = {k: v for k, v in gen.vq_vars["params"].items() if k not in ("encoder", "quant_conv")}
+  dec = vqgan_clip.VQGANCLIP((config, {"params": {"vqgan": params}}), ckpts[1])
+  a = dec.generate(PROMPT, steps=3, num_cutouts=4, seed=5, progress=False)
+  b = gen.generate(PROMPT, steps=3, num_cutouts=4, seed=5, progress=False)
+  np.testing.assert_array_equal(a["codes"], b["codes"])
   with pytest.raises(ValueError, match="only a decoder"):
-    gen.generate(PROMPT, steps=1, init_image=np.zeros((32, 32, 3), np.uint8), progress=False)
+    dec.generate(PROMPT, steps=1, init_image=np.zeros((32, 32, 3), np.uint8), progress=False)
   bad = {"params": {k: v for k, v in params.items() if k != "decoder"}}
   with pytest.raises(ValueError, match="lack decoder"):
     vqgan_clip.VQGANCLIP((config, bad), ckpts[1])
+
+
+def test_plain_quantizer_and_grid(ckpts):
+  """taming's plain codebook (no l2 / factorisation), any latent grid."""
+  from dalle_jax.sampling import vqgan_clip
+  config = tiny_vqgan_config(codebook_dim=0, l2_normalize=False)
+  variables = init_vqgan(config, seed=2)
+  g = vqgan_clip.VQGANCLIP((config, variables), ckpts[1])
+  out = g.generate(PROMPT, steps=0, grid=(2, 3), seed=1, progress=False)
+  assert out["image"].shape == (16, 24, 3) and out["codes"].shape == (2, 3)
+  codes = np.asarray(jax.random.randint(jax.random.split(jax.random.key(1))[0], (1, 2, 3), 0, 32))
+  np.testing.assert_array_equal(out["codes"], codes[0])  # random codes snap back to themselves
 
 
 def test_main_writes_pngs(ckpts, tmp_path):

@@ -46,12 +46,12 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 sg = jax.lax.stop_gradient
+DECODE_PARAMS = ("quantize", "post_quant_conv", "decoder")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """What the compiled step depends on (besides the model configs)."""
-  lr: float = 0.1
+  """What the compiled step depends on (besides the model configs and shapes)."""
   num_cutouts: int = 16
   cut_pow: float = 1.0
   cut_min: float = 0.5  # smallest crop side, as a fraction of the image's shorter side
@@ -137,7 +137,8 @@ class _Fns:
     clip = clip_lib.build_model(clip_config)
     clip_size = int(clip_config.model.vision.image_size)
     l2 = bool(vq_config.model.quantizer.get("l2_normalize", False))
-    self.optimizer = opt = optax.adam(settings.lr)
+    # The learning rate lives in the optimizer state: changing it does not recompile.
+    self.optimizer = opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.1)
 
     def codebook(vq_vars):  # (K, D) f32 in lookup space (unit rows when l2_normalize)
       return vq.apply(vq_vars, method=lambda m: m.quantize.codebook())
@@ -311,8 +312,12 @@ class VQGANCLIP:
     self.vq_config, vq_vars = _load_vqgan(vqgan)
     self.clip = _load_clip(clip)
     # One image at a time: everything on the first local device.
-    dev = jax.local_devices()[0]
+    self.device = dev = jax.local_devices()[0]
     self.vq_vars = jax.device_put(jax.tree.map(jnp.asarray, vq_vars), dev)
+    # What decoding needs: the same tree for full and decoder-only checkpoints,
+    # so both share one compilation of the step.
+    self.dec_vars = dict(self.vq_vars, params={
+        k: v for k, v in self.vq_vars["params"].items() if k in DECODE_PARAMS})
     self.clip_vars = jax.device_put({"params": self.clip.variables["params"]}, dev)
     m = self.vq_config.model
     self.factor = 2 ** (len(m.ch_mult) - 1)
@@ -321,7 +326,9 @@ class VQGANCLIP:
     self.default_grid = (int(m.resolution) // self.factor,) * 2
 
   def _fns(self, settings):
-    return _fns_cached(_cfg_key(self.vq_config), _cfg_key(self.clip.config), settings)
+    vq_config = ml_collections.ConfigDict(self.vq_config.to_dict())
+    vq_config.model.decoder_only = False  # the same network either way
+    return _fns_cached(_cfg_key(vq_config), _cfg_key(self.clip.config), settings)
 
   def text_embedding(self, prompt):
     if not isinstance(prompt, str) or not prompt.strip():
@@ -345,8 +352,7 @@ class VQGANCLIP:
     if save_every and not frames_dir:
       raise ValueError("save_every > 0 needs frames_dir (where the PNG frames go)")
     text_e = self.text_embedding(prompt)
-    fns = self._fns(Settings(float(lr), int(num_cutouts), float(cut_pow), float(cut_min),
-                             float(noise)))
+    fns = self._fns(Settings(int(num_cutouts), float(cut_pow), float(cut_min), float(noise)))
     h, w = _parse_grid(grid, self.default_grid)
     key_init, key_steps = jax.random.split(jax.random.key(int(seed)))
 
@@ -358,10 +364,13 @@ class VQGANCLIP:
       codes0 = fns.encode(self.vq_vars, x)
     else:
       codes0 = jax.random.randint(key_init, (1, h, w), 0, self.n_embed, jnp.int32)
-    z, lo_d, hi_d = fns.init_from_codes(self.vq_vars, codes0)
+    z, lo_d, hi_d = fns.init_from_codes(self.dec_vars, codes0)
+    # Committed like the step's outputs, so the 2nd step hits the 1st step's compilation.
     opt_state = fns.optimizer.init(z)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    z, opt_state = jax.device_put((z, opt_state), self.device)
 
-    _, img0 = fns.render(self.vq_vars, z)
+    _, img0 = fns.render(self.dec_vars, z)
     initial_similarity = float(fns.score(self.clip_vars, img0[0], text_e))
 
     frames = []
@@ -380,7 +389,7 @@ class VQGANCLIP:
                file=sys.stderr, dynamic_ncols=True)
     history = []
     for i in bar:
-      z, opt_state, sim, img = fns.step(self.vq_vars, self.clip_vars, z, opt_state, text_e,
+      z, opt_state, sim, img = fns.step(self.dec_vars, self.clip_vars, z, opt_state, text_e,
                                         key_steps, jnp.int32(i), lo_d, hi_d)
       sim = float(sim)  # the image of z before this step (i updates so far)
       history.append({"step": i, "similarity": sim})
@@ -389,7 +398,7 @@ class VQGANCLIP:
         save_frame(i, np.asarray(img[0]))
     bar.close()
 
-    codes, img = fns.render(self.vq_vars, z)
+    codes, img = fns.render(self.dec_vars, z)
     img = img[0]
     similarity = float(fns.score(self.clip_vars, img, text_e))
     if save_every and steps % save_every == 0:
@@ -464,6 +473,8 @@ def vqgan_clip_main(argv=None):
   from dalle_jax.tasks.base import image_grid  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
   if not args.prompt:
     raise SystemExit("error: give at least one --prompt TEXT")
   for i, prompt in enumerate(args.prompt):
