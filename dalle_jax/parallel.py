@@ -105,6 +105,8 @@ def logical_shardings(abstract_boxed, mesh, rules):
   (step counters, RNG keys) are replicated.
   """
   def to_sharding(x):
+    if isinstance(x, nn.LogicallyPartitioned) and not hasattr(x.value, "shape"):
+      return x.value  # e.g. optax's MaskedNode (another group's slot): an empty subtree
     if isinstance(x, nn.LogicallyPartitioned):
       spec = nn.logical_to_mesh_axes(x.names, rules)
       shape = x.value.shape
