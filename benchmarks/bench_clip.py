@@ -4,19 +4,20 @@
 
 Both sides run the SAME random weights (a transformers CLIPModel at the
 preset's published dims, saved and imported with dalle_jax.convert.hf_clip),
-f32, on the local default device (PyTorch on CPU). One timed run after a
-warm-up; prints images/s and texts/s for each and the ratio (ours / torch),
+f32, on the local default device (PyTorch on CPU). Median of --reps timed runs
+after a warm-up; prints images/s and texts/s for each and the ratio (ours / torch),
 and checks the two agree.
 """
 import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def hf_config(preset):
@@ -35,11 +36,7 @@ def hf_config(preset):
 
 
 def timed(fn, reps):
-  fn()  # warm-up / compile
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = fn()
-  return (time.perf_counter() - t) / reps, out
+  return common.timeit_with_output(fn, warmup=1, reps=reps)
 
 
 def main(argv=None):
@@ -77,20 +74,21 @@ def main(argv=None):
     t_img_torch, ref_img = timed(lambda: ref.get_image_features(pixel_values=torch.from_numpy(pix)).pooler_output, args.reps)
     t_txt_torch, ref_txt = timed(lambda: ref.get_text_features(input_ids=torch.from_numpy(ids)).pooler_output, args.reps)
   x, i32 = jax.device_put(images), jax.device_put(ids.astype(np.int32))
-  t_img, our_img = timed(lambda: jax.block_until_ready(img_fn(variables, x)), args.reps)
-  t_txt, our_txt = timed(lambda: jax.block_until_ready(txt_fn(variables, i32)), args.reps)
+  t_img, our_img = timed(lambda: img_fn(variables, x), args.reps)
+  t_txt, our_txt = timed(lambda: txt_fn(variables, i32), args.reps)
   err_img = float(np.abs(np.asarray(our_img) - ref_img.numpy()).max())
   err_txt = float(np.abs(np.asarray(our_txt) - ref_txt.numpy()).max())
 
   print(f"{args.preset}: {clip_lib.param_count(variables['params']) / 1e6:.1f}M params, "
         f"jax on {jax.devices()[0].device_kind}, torch {torch.__version__} CPU "
         f"({torch.get_num_threads()} threads)")
-  print(f"images ({args.image_batch}x{s}px): dalle_jax {args.image_batch / t_img:8.1f}/s   "
-        f"torch {args.image_batch / t_img_torch:8.1f}/s   ratio {t_img_torch / t_img:.2f}x   "
-        f"max|diff| {err_img:.1e}")
-  print(f"texts  ({args.text_batch}x{tl} tok): dalle_jax {args.text_batch / t_txt:8.1f}/s   "
-        f"torch {args.text_batch / t_txt_torch:8.1f}/s   ratio {t_txt_torch / t_txt:.2f}x   "
-        f"max|diff| {err_txt:.1e}")
+  rate = lambda v: f"{v:8.1f}/s"
+  common.ratio_line(f"images ({args.image_batch}x{s}px)", args.image_batch / t_img,
+                    args.image_batch / t_img_torch, ours_label="dalle_jax", theirs_label="torch",
+                    fmt=rate, lower_is_better=False, extra=f"max|diff| {err_img:.1e}")
+  common.ratio_line(f"texts  ({args.text_batch}x{tl} tok)", args.text_batch / t_txt,
+                    args.text_batch / t_txt_torch, ours_label="dalle_jax", theirs_label="torch",
+                    fmt=rate, lower_is_better=False, extra=f"max|diff| {err_txt:.1e}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,17 @@ Prints:
   2. time per image for 256 -> 1024 codes with the cache (quadratic attention
      work + linear MLP work: expect ~4-6x for 4x the tokens, vs ~16x+ without cache);
   3. ours vs min-dalle (PyTorch, CPU) at identical small DALL·E mini dimensions,
-     batch and guidance (the reference loop re-run token by token in Python).
-Timings exclude compilation (one warm-up call each).
+     batch and guidance (the reference loop re-run token by token in Python; its
+     first --ref_tokens tokens timed in 32-token chunks, the median chunk x 8 taken
+     as its 256-token time: its per-token cost is constant).
+  4. the trainer's step for the `dalle` layout (built as dalle_jax.train.loop.train
+     builds it: task, optimizer, sharded state, donated jit) at d_model 512,
+     --train_layers layers, 32 text + 16x16 image tokens, batch 8, in bfloat16 and
+     float32: step time, FLOPs/step from the task's flops_per_example() x batch and
+     from XLA's cost analysis, and MFU = achieved FLOP/s / the measured bf16 matmul
+     peak of this host (dalle_jax.train.metrics.measure_matmul_flops), target >= 50%.
+Timings are medians and exclude compilation (one warm-up call each), except the
+no-cache baseline, which compiles inside every call, and eager PyTorch (no warm-up).
 """
 import argparse
 import os
@@ -22,18 +31,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from dalle_jax.models import dalle, dalle_mini  # noqa: E402
 from dalle_jax.sampling import decode  # noqa: E402
 
 
 def _timed(fn, repeats=2):
-  jax.block_until_ready(fn())  # warm-up / compile
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    best = min(best, time.perf_counter() - t)
-  return best
+  return common.timeit(fn, warmup=1, reps=repeats)
 
 
 def _dalle(args, grid):
@@ -52,10 +56,14 @@ def bench_cache(args):
   sp = decode.SamplingParams(top_k=64)
   rng = jax.random.PRNGKey(0)
   cached = _timed(lambda: decode.generate(dec, params, text, mask, rng=rng, sp=sp, chunk=256))
-  nocache = _timed(lambda: decode.generate_no_cache(dec, params, text, mask, rng=rng, sp=sp), 1)
+  # generate_no_cache jits a fresh closure per call, so a warm-up would not spare the
+  # timed call its compilation (a few seconds of ~30): time one call as it is used.
+  nocache = common.timeit(lambda: decode.generate_no_cache(dec, params, text, mask, rng=rng, sp=sp),
+                          warmup=0, reps=1)
   n = args.batch * dec.num_codes
-  print(f"[1] KV cache: {n / cached:9.1f} image tok/s | recompute prefix: {n / nocache:9.1f} tok/s"
-        f" | speed-up x{nocache / cached:.1f}")
+  common.ratio_line("[1] sampling 16x16 codes, KV cache vs recomputing the prefix", n / cached,
+                    n / nocache, ours_label="KV cache", theirs_label="recompute",
+                    fmt=lambda v: f"{v:9.1f} image tok/s", lower_is_better=False)
   return cached
 
 
@@ -67,7 +75,7 @@ def bench_growth(args, t256):
   t1024 = _timed(lambda: decode.generate(dec, params, text, mask, rng=jax.random.PRNGKey(0),
                                          sp=sp, chunk=1024), 1)
   print(f"[2] 256 codes: {t256:.2f}s, 1024 codes: {t1024:.2f}s per batch of {args.batch}"
-        f" -> x{t1024 / t256:.1f} time for x4 tokens")
+        f" -> time ratio x{t1024 / t256:.1f} for x4 tokens (expect ~4-6)", flush=True)
 
 
 def bench_min_dalle(args):
@@ -96,12 +104,22 @@ def bench_min_dalle(args):
   md.image_grid_from_tokens = lambda image_tokens, is_seamless, is_verbose=False: image_tokens
   import warnings
   warnings.simplefilter("ignore")
-  run_ref = lambda: list(md.generate_raw_image_stream("x", seed=1, grid_size=grid_size,
-                                                      top_k=256, supercondition_factor=16))
-  run_ref()
+  # min-dalle's per-token cost is constant (it attends over a fixed 256-slot state and
+  # sorts all 16384 logits every step), so by default only its first --ref_tokens
+  # tokens are run, timed per 32-token chunk (its progressive outputs), and the
+  # median chunk scaled to 256 tokens: robust to the large swings a 2-thread
+  # PyTorch loop shows on a shared CPU.
+  ref_tokens = min(256, max(32, args.ref_tokens // 32 * 32))
+  chunks = []
   t = time.perf_counter()
-  run_ref()
-  t_ref = time.perf_counter() - t
+  for i, _ in enumerate(md.generate_raw_image_stream("x", seed=1, grid_size=grid_size, top_k=256,
+                                                     supercondition_factor=16,
+                                                     progressive_outputs=True)):
+    chunks.append(time.perf_counter() - t)  # eager PyTorch: no compilation to warm up
+    t = time.perf_counter()
+    if 32 * (i + 1) >= ref_tokens:
+      break
+  t_ref = sum(chunks) if ref_tokens == 256 else float(np.median(chunks)) * 8
 
   model = dalle_mini.DalleMini(text_vocab_size=tv, text_len=64, image_vocab_size=16384,
                                image_embed_size=16385, image_grid=16, start_token=16383,
@@ -118,8 +136,56 @@ def bench_min_dalle(args):
   t_ours = _timed(lambda: decode.generate(dec, params, text, text != 1, rng=jax.random.PRNGKey(1),
                                           sp=sp, uncond_text=blank, uncond_mask=blank != 1,
                                           chunk=256), 1)
-  print(f"[3] DALL·E mini dims (d {d}, {layers}+{layers} layers, {n} images, guidance 16, top-k 256):"
-        f" min-dalle {t_ref:.2f}s, ours {t_ours:.2f}s -> x{t_ref / t_ours:.1f}")
+  common.ratio_line(f"[3] DALL·E mini dims (d {d}, {layers}+{layers} layers, {n} images, guidance 16,"
+                    f" top-k 256), ours vs min-dalle", t_ours, t_ref, ours_label="dalle_jax",
+                    theirs_label="min-dalle", extra="" if ref_tokens == 256 else
+                    f"(min-dalle: median of {len(chunks)} 32-token chunks x 8)")
+
+
+def train_config(args, dtype):
+  """configs/dalle.py:shapes scaled up: d 512, 32 text + 16x16 codes (8192), batch 8."""
+  from configs import dalle as dalle_configs  # pylint: disable=g-import-not-at-top
+  c = dalle_configs.get_config("shapes")
+  c.model.update(text_vocab_size=4096, text_len=32, image_vocab_size=8192, image_grid=16,
+                 num_layers=args.train_layers, d_model=512, num_heads=8, mlp_dim=2048)
+  c.text.max_len = 32
+  c.blank_caption_prob = 0.0  # caption dropout needs a tokenizer; it costs no FLOPs
+  c.data.dataset = ""  # no encoded records: the model dims above stand
+  c.batch_size = args.train_batch
+  c.dtype = dtype
+  return c
+
+
+def bench_train_mfu(args):
+  from dalle_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  peak = metrics_lib.measure_matmul_flops()  # bf16 inputs, f32 accumulation
+  peak_f32 = metrics_lib.measure_matmul_flops(dtype="float32")
+  rows, mfus = [], {}
+  for dtype in ("bfloat16", "float32"):
+    c = train_config(args, dtype)
+    ts = common.TrainerStep(c)
+    t = ts.time(warmup=1, reps=args.train_reps)
+    task_flops = ts.task.flops_per_example() * c.batch_size
+    xla_flops = ts.xla_flops
+    tokens = ts.task.tokens_per_example() * c.batch_size
+    mfus[dtype] = mfu = task_flops / t / peak
+    rows.append([dtype, common.fmt_seconds(t), f"{tokens / t:.0f}", f"{task_flops / 1e9:.1f}",
+                 f"{xla_flops / 1e9:.1f}" if xla_flops else "n/a", f"{task_flops / t / 1e9:.1f}",
+                 f"{100 * mfu:.1f}%", f"{100 * xla_flops / t / peak:.1f}%" if xla_flops else "n/a",
+                 f"{ts.compile_s:.0f} s"])
+    ts.release()
+  m = train_config(args, "float32").model
+  common.print_table(rows, ["dtype", "step", "tokens/s", "task GFLOP", "XLA GFLOP", "GFLOP/s",
+                            "MFU", "MFU (XLA)", "compile"],
+                     title=f"[4] trainer step, dalle layout: {m.num_layers} layers, d {m.d_model}, "
+                           f"{m.text_len}+{m.image_grid}x{m.image_grid} tokens, batch "
+                           f"{args.train_batch}; peak = measured bf16 matmul "
+                           f"{peak / 1e9:.1f} GFLOP/s (f32: {peak_f32 / 1e9:.1f})")
+  pct = lambda v: f"{100 * v:.1f}%"
+  for dtype, mfu in mfus.items():
+    common.ratio_line(f"[4] dalle train-step MFU ({dtype}) vs the >=50% target", mfu, 0.5,
+                      ours_label="MFU", theirs_label="target", fmt=pct, lower_is_better=False,
+                      extra="(met)" if mfu >= 0.5 else "(NOT met)")
 
 
 def main():
@@ -129,11 +195,23 @@ def main():
   p.add_argument("--heads", type=int, default=4)
   p.add_argument("--text_len", type=int, default=32)
   p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--train_layers", type=int, default=4)
+  p.add_argument("--train_batch", type=int, default=8)
+  p.add_argument("--train_reps", type=int, default=2)
+  p.add_argument("--ref_tokens", type=int, default=96,
+                 help="min-dalle tokens timed in [3] (multiple of 32; 256 = the whole image)")
+  p.add_argument("--only", default="1,2,3,4", help="which sections to run")
   args = p.parse_args()
   print(f"devices: {jax.devices()}")
-  t256 = bench_cache(args)
-  bench_growth(args, t256)
-  bench_min_dalle(args)
+  only = set(args.only.split(","))
+  if only & {"1", "2"}:
+    t256 = bench_cache(args)
+    if "2" in only:
+      bench_growth(args, t256)
+  if "3" in only:
+    bench_min_dalle(args)
+  if "4" in only:
+    bench_train_mfu(args)
 
 
 if __name__ == "__main__":
