@@ -1,7 +1,6 @@
 # make demo | make test | make bench — each creates .venv and installs what it needs.
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
-export XLA_FLAGS ?=
 export TF_CPP_MIN_LOG_LEVEL := 3
 
 .PHONY: demo test bench venv clean

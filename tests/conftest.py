@@ -1,8 +1,18 @@
 """Test setup: 8 fake CPU devices, set before JAX is imported anywhere."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_DEVICES = "--xla_force_host_platform_device_count=8"
+# Append rather than setdefault: an inherited XLA_FLAGS (even an empty one) must
+# not silently leave the suite on a single device.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _DEVICES).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_sessionstart(session):
+  import jax
+  assert jax.device_count() == 8, (
+      f"tests expect 8 fake CPU devices, got {jax.device_count()} (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
