@@ -14,8 +14,10 @@ workdir's config.json records which VQGAN produced its codes.
 
 Presets:
   shapes  4 layers, d 192, 16 text + 8x8 codes (VQGAN shapes preset, 128 codes);
-          a few minutes on a 2-core CPU: image_loss falls from ln(128)=4.85 to
-          ~1.5 and samples show the prompted shape/colours.
+          ~10 minutes on a 2-core CPU: image_loss falls from ln(128)=4.85 to ~0.7.
+          Measured (demo prompts, 48 samples): 1000 steps at lr 1e-3 follow colour and
+          background 100% but shape only 25%; 3000 steps at lr 2e-3 follow all three
+          in 69% (shape 73%). Raise --config.total_steps for cleaner shapes.
   small   12 layers, d 768, 64 text + 16x16 codes (f16_16384 VQGAN), full attention.
   paper   DALL·E's 12B layout: 64 layers, d 3968, 62 heads, 256 BPE text + 32x32
           codes (8192), row/column/conv sparse masks, bf16, scan + remat, FSDP.
@@ -76,12 +78,12 @@ def get_config(arg=None):
     c.data.image_size = 32
     c.dtype = "float32"  # CPU: bf16 is slower than f32
     c.batch_size = 32
-    c.total_steps = 1000
+    c.total_steps = 2000
     c.log_every = 50
-    c.eval_every = 500
-    c.preview_every = 500
+    c.eval_every = 1000
+    c.preview_every = 1000
     c.checkpoint_every = 500
-    c.optimizer = common.optimizer_config("adamw", 1e-3)
+    c.optimizer = common.optimizer_config("adamw", 2e-3)
     c.optimizer.warmup_steps = 100
     c.optimizer.weight_decay = 0.01
     c.sampling.guidance_scale = 3.0
