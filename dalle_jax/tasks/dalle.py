@@ -233,28 +233,38 @@ class DalleTask(base.Task):
 
   # --- accounting -------------------------------------------------------------------
   def _param_counts(self):
+    """(total, embedding, {head name: params}) from the abstract parameter tree."""
     abstract = jax.eval_shape(lambda: self.init(jax.random.PRNGKey(0), self.dummy_batch(1)))
-    total, embed = 0, 0
+    total, embed, heads = 0, 0, {}
     for path, x in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract)["params"])[0]:
       n = int(np.prod(x.shape))
+      keys = [str(getattr(k, "key", "")) for k in path]
       total += n
-      if any("embed" in str(getattr(k, "key", "")) or "pos" in str(getattr(k, "key", ""))
-             for k in path):
+      if any("embed" in k or "pos" in k for k in keys):
         embed += n
-    return total, embed
+      for k in keys:
+        if k.endswith("_head"):
+          heads[k] = heads.get(k, 0) + n
+    return total, embed, heads
 
   def tokens_per_example(self):
     return self.text_len + self.num_codes
 
   def flops_per_example(self):
-    """6 N T for the matmuls (non-embedding params) + 12 L T^2 D for attention (dense)."""
+    """6 N T for the matmuls (non-embedding params) + 12 L T^2 D for attention (dense).
+
+    The dalle layout's two output heads each see only their own tokens.
+    """
     m = self.config.model
-    total, embed = self._param_counts()
+    total, embed, heads = self._param_counts()
     n = total - embed
     d, layers = int(m.d_model), int(m.num_layers)
     if self.layout == "dalle":
       t = self.text_len + self.num_codes
-      return 6 * n * t + 12 * layers * t * t * d
+      text_head, image_head = heads.get("text_head", 0), heads.get("image_head", 0)
+      body = n - text_head - image_head
+      heads_flops = 6 * text_head * self.text_len + 6 * image_head * self.num_codes
+      return 6 * body * t + heads_flops + 12 * layers * t * t * d
     lt, li = self.text_len, self.num_codes
     # the encoder's params see lt tokens, the decoder's li; split N roughly in half
     matmul = 6 * (n / 2) * lt + 6 * (n / 2) * li
