@@ -271,20 +271,16 @@ def generate(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingP
   return codes
 
 
-def generate_no_cache(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingParams(),
-                      uncond_text=None, uncond_mask=None):
-  """Reference/baseline: recomputes the whole prefix at every step (no KV cache).
-
-  Same sampling rule and RNG use as `generate`, so it returns the same codes.
-  """
-  text = jnp.asarray(text, jnp.int32)
-  mask = jnp.asarray(mask, bool)
-  b, n = text.shape[0], decoder.num_codes
-  if sp.guided:
-    text, mask = _with_uncond(text, mask, uncond_text, uncond_mask)
+def _compiled_no_cache(decoder, sp):
+  """jitted full-recompute loop for one decoder and sampling setting (cached)."""
+  cache = decoder.__dict__.setdefault("_compiled_no_cache", {})
+  if sp in cache:
+    return cache[sp]
+  n = decoder.num_codes
 
   @jax.jit
   def run(params, text, mask, rng):
+    b = text.shape[0] // 2 if sp.guided else text.shape[0]
     def body(j, codes):
       full = jnp.concatenate([codes, codes]) if sp.guided else codes
       logits = jax.lax.dynamic_index_in_dim(decoder.image_logits(params, text, mask, full), j,
@@ -295,4 +291,18 @@ def generate_no_cache(decoder, params, text, mask, *, rng, sp: SamplingParams = 
       return codes.at[:, j].set(tok)
     return jax.lax.fori_loop(0, n, body, jnp.zeros((b, n), jnp.int32))
 
-  return run(params, text, mask, rng)
+  cache[sp] = run
+  return run
+
+
+def generate_no_cache(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingParams(),
+                      uncond_text=None, uncond_mask=None):
+  """Reference/baseline: recomputes the whole prefix at every step (no KV cache).
+
+  Same sampling rule and RNG use as `generate`, so it returns the same codes.
+  """
+  text = jnp.asarray(text, jnp.int32)
+  mask = jnp.asarray(mask, bool)
+  if sp.guided:
+    text, mask = _with_uncond(text, mask, uncond_text, uncond_mask)
+  return _compiled_no_cache(decoder, sp)(params, text, mask, rng)
