@@ -163,7 +163,8 @@ class DalleTransformer(nn.Module):
     self.final_ln = layers.LayerNorm("final_ln", param_dtype=self.param_dtype)
     head = lambda n, name: layers.Dense(n, ("embed", "vocab"), name=name, use_bias=False,
                                         dtype=self.dtype, param_dtype=self.param_dtype,
-                                        kernel_init=nn.initializers.normal(0.02))
+                                        kernel_init=nn.initializers.normal(0.02),
+                                        out_dtype=jnp.float32)
     self.text_head = head(self.text_vocab_size + self.text_len, "text_head")
     self.image_head = head(self.image_vocab_size, "image_head")
 

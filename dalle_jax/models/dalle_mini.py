@@ -69,12 +69,7 @@ class CrossAttention(nn.Module):
                          "(prefill with the encoder output first)")
       k_bshk = self.get_variable("cache", "cross_key")
       v_bshk = self.get_variable("cache", "cross_value")
-    q_bthk = q_bthk / jnp.sqrt(self.head_dim).astype(self.dtype)
-    logits_bhts = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk,
-                             preferred_element_type=jnp.float32)
-    logits_bhts = jnp.where(mask, logits_bhts, layers.NEG_INF)
-    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(self.dtype)
-    out_bthk = jnp.einsum("bhts,bshk->bthk", probs_bhts, v_bshk)
+    out_bthk = layers.dot_product_attention(q_bthk, k_bshk, v_bshk, mask, self.dtype)
     out_btd = proj("out", ("heads", "kv", "embed"), x_btd.shape[-1], axis=(-2, -1))(out_bthk)
     return layers.constrain(out_btd, ("batch", "length", "embed"))
 

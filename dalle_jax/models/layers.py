@@ -8,6 +8,7 @@ Used by the autoregressive models (DALL·E, DALL·E mini) and CLIP alike.
 Shapes: B batch, T query length, S key length, D model width, H heads,
 K head dim, F MLP width, L layers.
 """
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -27,6 +28,79 @@ def dtype_from_name(name):
 def constrain(x, names):
   """Logical sharding constraint on an activation (no-op outside a mesh)."""
   return nn.with_logical_constraint(x, names)
+
+
+# --- mixed-precision contractions ------------------------------------------------
+#
+# Every matmul of the models goes through `mixed_einsum`: inputs are cast to the
+# compute dtype (bf16) and products accumulate and come out in f32, in the forward
+# pass AND in both backward matmuls. Plain autodiff of a bf16 einsum does not do
+# this: it asks the backend for bf16 *outputs* (on XLA:CPU that path runs at
+# about half the bf16->f32 rate) or, with preferred_element_type=f32 in the
+# forward, contracts an f32 cotangent with a bf16 operand (an f32 matmul). The
+# weight gradient also stays f32, so parameters see no extra rounding.
+
+def _einsum_f32(spec, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _mixed_einsum(spec, a, b, bias, dtype, out_dtype):
+  return _mixed_einsum_fwd(spec, a, b, bias, dtype, out_dtype)[0]
+
+
+def _mixed_einsum_fwd(spec, a, b, bias, dtype, out_dtype):
+  a_c, b_c = a.astype(dtype), b.astype(dtype)
+  y = _einsum_f32(spec, a_c, b_c)
+  if bias is not None:  # added in f32, before the output is rounded
+    y = y + bias.astype(jnp.float32)
+  # Residuals in the compute dtype; zero-size arrays carry the inputs' dtypes
+  # (and the bias's rank).
+  like = lambda v: None if v is None else jnp.zeros((0,) * max(v.ndim, 1), v.dtype)
+  return y.astype(out_dtype), (a_c, b_c, like(a), like(b), like(bias))
+
+
+def _mixed_einsum_bwd(spec, dtype, out_dtype, res, g):
+  a_c, b_c, a_dt, b_dt, bias_dt = res
+  ins, out = spec.split("->")
+  sa, sb = ins.split(",")
+  g = g.astype(dtype)
+  da = _ordered_einsum_f32(out, sb, sa, g, b_c).astype(a_dt.dtype)
+  db = _ordered_einsum_f32(sa, out, sb, a_c, g).astype(b_dt.dtype)
+  dbias = None
+  if bias_dt is not None:  # the bias spans the trailing output dims
+    lead = tuple(range(g.ndim - bias_dt.ndim))
+    dbias = jnp.sum(g, axis=lead, dtype=jnp.float32).astype(bias_dt.dtype)
+  return da, db, dbias
+
+
+_mixed_einsum.defvjp(_mixed_einsum_fwd, _mixed_einsum_bwd)
+
+
+def _ordered_einsum_f32(sx, sy, so, x, y):
+  # XLA:CPU has no generic bf16 x bf16 -> f32 dot: some operand orders of a
+  # batched contraction fail with "Unsupported element type for DotThunk". The
+  # larger operand first maps onto its fast path in every form the models use.
+  if y.size > x.size:
+    sx, sy, x, y = sy, sx, y, x
+  return _einsum_f32(f"{sx},{sy}->{so}", x, y)
+
+
+def mixed_einsum(spec, a, b, dtype, out_dtype=None, bias=None):
+  """einsum(spec, a, b) [+ bias] computed in `dtype` with f32 accumulation (see
+  above), returned in `out_dtype` (default `dtype`). `bias` is added in f32 and
+  broadcasts against the output's trailing dims.
+
+  Two operands, explicit output, and no index summed within one operand alone
+  (so each input's gradient is itself a two-operand einsum).
+  """
+  ins, out = spec.replace(" ", "").split("->")
+  sa, sb = ins.split(",")
+  for own, other in ((sa, sb), (sb, sa)):
+    if any(i not in out and i not in other for i in own):
+      raise ValueError(f"mixed_einsum({spec!r}): an index is summed within one operand")
+  return _mixed_einsum(f"{sa},{sb}->{out}", a, b, bias, jnp.dtype(dtype),
+                       jnp.dtype(out_dtype or dtype))
 
 
 def dense_init(std=None):
@@ -84,23 +158,47 @@ class _DenseGeneralKernel(nn.Module):
 
     kernel = self.param("kernel", nn.with_logical_partitioning(flat_init, tuple(self.kernel_axes)),
                         in_shape + tuple(self.features), self.param_dtype)
-    x, kernel = flax_dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel, ((axes, tuple(range(len(axes)))), ((), ())))
+    bias = None
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.bias_axes)),
                         tuple(self.features), self.param_dtype)
-      bias = jnp.asarray(bias, y.dtype)
-      y = y + bias
-    return y
+    return mixed_einsum(_dense_spec(x.ndim, axes, len(self.features)), x, kernel,
+                        flax_dtypes.canonicalize_dtype(x, kernel, dtype=self.dtype), bias=bias)
 
 
-def Dense(features, kernel_axes, name=None, **kw):
-  """2-D dense layer: kernel (in, out) named by `kernel_axes`."""
-  return nn.Dense(
-      features, name=name,
-      kernel_init=nn.with_logical_partitioning(kw.pop("kernel_init", nn.initializers.lecun_normal()), tuple(kernel_axes)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (kernel_axes[-1],)),
-      **kw)
+def _dense_spec(ndim, axes, n_out):
+  """einsum spec contracting x's `axes` with a kernel's leading dims ('abc,cd->abd')."""
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  x = letters[:ndim]
+  outs = letters[ndim:ndim + n_out]
+  kept = "".join(l for i, l in enumerate(x) if i not in axes)
+  return f"{x},{''.join(x[a] for a in axes)}{outs}->{kept}{outs}"
+
+
+class Dense(nn.Module):
+  """2-D dense layer (same parameters as nn.Dense: kernel (in, out), bias (out,)),
+  kernel named by `kernel_axes`, matmul through `mixed_einsum`."""
+  features: int
+  kernel_axes: Sequence[str]
+  use_bias: bool = True
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  out_dtype: Optional[Dtype] = None  # e.g. f32 logits straight from the accumulator
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init,
+                                                               tuple(self.kernel_axes)),
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.kernel_axes[-1],)),
+                        (self.features,), self.param_dtype)
+    return mixed_einsum(_dense_spec(x.ndim, (x.ndim - 1,), 1), x, kernel,
+                        flax_dtypes.canonicalize_dtype(x, kernel, dtype=self.dtype),
+                        out_dtype=self.out_dtype, bias=bias)
 
 
 def LayerNorm(name=None, use_bias=True, use_scale=True, epsilon=1e-5, dtype=jnp.float32,
@@ -138,6 +236,19 @@ def causal_mask(t, s=None):
   """(T, S) bool: query i may attend key j <= i (+ offset when S > T)."""
   s = t if s is None else s
   return jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + (s - t))
+
+
+def dot_product_attention(q_bthk, k_bshk, v_bshk, mask, dtype):
+  """softmax(q k^T / sqrt(K)) v per head; logits and softmax in f32.
+
+  mask: bool broadcastable to (B, H, T, S), True = may attend, or None.
+  """
+  q_bthk = q_bthk * jnp.asarray(q_bthk.shape[-1] ** -0.5, q_bthk.dtype)
+  logits_bhts = mixed_einsum("bthk,bshk->bhts", q_bthk, k_bshk, dtype, jnp.float32)
+  if mask is not None:
+    logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
+  probs_bhts = jax.nn.softmax(logits_bhts, axis=-1)
+  return mixed_einsum("bhts,bshk->bthk", probs_bhts, v_bshk, dtype)
 
 
 class Attention(nn.Module):
@@ -178,13 +289,7 @@ class Attention(nn.Module):
       if cache_mask is not None:
         mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
 
-    q_bthk = q_bthk / jnp.sqrt(self.head_dim).astype(self.dtype)
-    logits_bhts = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk,
-                             preferred_element_type=jnp.float32)
-    if mask is not None:
-      logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
-    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1).astype(self.dtype)
-    out_bthk = jnp.einsum("bhts,bshk->bthk", probs_bhts, v_bshk)
+    out_bthk = dot_product_attention(q_bthk, k_bshk, v_bshk, mask, self.dtype)
     out_btd = DenseGeneral(d_out, ("heads", "kv", "embed"), axis=(-2, -1),
                            use_bias=self.use_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init,

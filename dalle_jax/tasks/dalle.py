@@ -24,8 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from dalle_jax.models import losses
 from dalle_jax.tasks import base
 
 log = logging.getLogger(__name__)
@@ -177,17 +177,17 @@ class DalleTask(base.Task):
     metrics = {}
     if self.layout == "dalle":
       text_logits, image_logits = self.model.apply({"params": params}, *args)
-      text_ce = optax.softmax_cross_entropy_with_integer_labels(text_logits, args[0]).mean()
+      text_ce = losses.softmax_cross_entropy(text_logits, args[0]).mean()
       metrics["text_loss"] = text_ce
     else:
       image_logits = self.model.apply({"params": params}, *args)
       image_logits = image_logits[..., :self.config.model.image_vocab_size]
       text_ce = 0.0
-    image_ce = optax.softmax_cross_entropy_with_integer_labels(image_logits, codes).mean()
+    image_ce = losses.softmax_cross_entropy(image_logits, codes).mean()
     w = float(self.config.loss.text_weight) if self.layout == "dalle" else 0.0
     loss = w * text_ce + (1 - w) * image_ce
     metrics["image_loss"] = image_ce
-    metrics["accuracy"] = (image_logits.argmax(-1) == codes).mean()
+    metrics["accuracy"] = losses.label_is_top(image_logits, codes).mean()
     return loss, metrics
 
   def loss_fn(self, params, model_state, batch, rng, step):
