@@ -176,8 +176,11 @@ class DalleTransformer(nn.Module):
 
   def _embed_codes(self, codes_bn, first):
     j = first + jnp.arange(codes_bn.shape[1])
-    pos = self.row_pos[j // self.image_grid] + self.col_pos[j % self.image_grid]
-    return (self.image_embed(codes_bn) + pos.astype(self.dtype)).astype(self.dtype)
+    # each table in the compute dtype first: matrices may arrive pre-cast
+    # (sampling.decode.compute_dtype_params) and must give the same sum
+    pos = (self.row_pos[j // self.image_grid].astype(self.dtype) +
+           self.col_pos[j % self.image_grid].astype(self.dtype))
+    return (self.image_embed(codes_bn) + pos).astype(self.dtype)
 
   def _run(self, x_btd, first_pos, use_mask):
     """Transformer body over stream positions [first_pos, first_pos + t)."""

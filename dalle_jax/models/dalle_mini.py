@@ -60,16 +60,19 @@ class CrossAttention(nn.Module):
     if enc_bsd is not None:
       k_bshk = proj("key", ("embed", "heads", "kv"), hk)(enc_bsd)
       v_bshk = proj("value", ("embed", "heads", "kv"), hk)(enc_bsd)
-      if self.decode:
-        self.put_variable("cache", "cross_key", k_bshk)
-        self.put_variable("cache", "cross_value", v_bshk)
+      if self.decode:  # heads-major, read in place at every step
+        self.put_variable("cache", "cross_key", jnp.swapaxes(k_bshk, 1, 2))
+        self.put_variable("cache", "cross_value", jnp.swapaxes(v_bshk, 1, 2))
     else:
       if not (self.decode and self.has_variable("cache", "cross_key")):
         raise ValueError("CrossAttention: no encoder states given and none cached "
                          "(prefill with the encoder output first)")
-      k_bshk = self.get_variable("cache", "cross_key")
-      v_bshk = self.get_variable("cache", "cross_value")
-    out_bthk = layers.dot_product_attention(q_bthk, k_bshk, v_bshk, mask, self.dtype)
+    if self.decode:
+      k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+      layout = "bhsk"
+    else:
+      k, v, layout = k_bshk, v_bshk, "bshk"
+    out_bthk = layers.dot_product_attention(q_bthk, k, v, mask, self.dtype, layout)
     out_btd = proj("out", ("heads", "kv", "embed"), x_btd.shape[-1], axis=(-2, -1))(out_bthk)
     return layers.constrain(out_btd, ("batch", "length", "embed"))
 

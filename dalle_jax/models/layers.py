@@ -238,17 +238,25 @@ def causal_mask(t, s=None):
   return jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + (s - t))
 
 
-def dot_product_attention(q_bthk, k_bshk, v_bshk, mask, dtype):
-  """softmax(q k^T / sqrt(K)) v per head; logits and softmax in f32.
+def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
+  """softmax(q k^T / sqrt(K)) v per head -> (B, T, H, K); logits, softmax in f32.
 
+  k, v: (B, S, H, K) ("bshk", training) or heads-major (B, H, S, K) ("bhsk", the
+  decode cache's layout: each step's contractions then read the cache in place,
+  where a (B, S, H, K) cache would be transposed, i.e. copied whole, per step
+  and layer). Training keeps "bshk": its backward contractions are the forms
+  XLA:CPU runs fast in bf16 (some mixed-layout ones have no bf16 -> f32 kernel).
   mask: bool broadcastable to (B, H, T, S), True = may attend, or None.
   """
+  if kv_layout not in ("bshk", "bhsk"):
+    raise ValueError(f"kv_layout={kv_layout!r}: expected 'bshk' or 'bhsk'")
+  kv = kv_layout
   q_bthk = q_bthk * jnp.asarray(q_bthk.shape[-1] ** -0.5, q_bthk.dtype)
-  logits_bhts = mixed_einsum("bthk,bshk->bhts", q_bthk, k_bshk, dtype, jnp.float32)
+  logits_bhts = mixed_einsum(f"bthk,{kv}->bhts", q_bthk, k, dtype, jnp.float32)
   if mask is not None:
     logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
   probs_bhts = jax.nn.softmax(logits_bhts, axis=-1)
-  return mixed_einsum("bhts,bshk->bthk", probs_bhts, v_bshk, dtype)
+  return mixed_einsum(f"bhts,{kv}->bthk", probs_bhts, v, dtype)
 
 
 class Attention(nn.Module):
@@ -283,32 +291,46 @@ class Attention(nn.Module):
     q_bthk = constrain(q_bthk, ("batch", "length", "heads", "kv"))
     k_bshk = constrain(k_bshk, ("batch", "length", "heads", "kv"))
     v_bshk = constrain(v_bshk, ("batch", "length", "heads", "kv"))
+    k, v, kv_layout = k_bshk, v_bshk, "bshk"
 
     if self.decode:
-      k_bshk, v_bshk, cache_mask = self._update_cache(k_bshk, v_bshk)
+      heads_major = lambda x: constrain(jnp.swapaxes(x, 1, 2), ("batch", "heads", "length", "kv"))
+      k, v, cache_mask = self._update_cache(heads_major(k_bshk), heads_major(v_bshk))
+      kv_layout = "bhsk"
       if cache_mask is not None:
-        mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
+        if mask is not None:  # a pattern over the whole stream; the cache may hold less
+          mask = jnp.logical_and(mask[..., :cache_mask.shape[-1]], cache_mask)
+        else:
+          mask = cache_mask
 
-    out_bthk = dot_product_attention(q_bthk, k_bshk, v_bshk, mask, self.dtype)
+    # A decode cache may be kept wider than the compute dtype (f32 on CPU, whose
+    # bf16 matrix-vector kernels are several times slower): attend in its dtype.
+    attn_dtype = k.dtype if self.decode else self.dtype
+    out_bthk = dot_product_attention(q_bthk, k, v, mask, attn_dtype, kv_layout).astype(self.dtype)
     out_btd = DenseGeneral(d_out, ("heads", "kv", "embed"), axis=(-2, -1),
                            use_bias=self.use_bias, dtype=self.dtype,
                            param_dtype=self.param_dtype, kernel_init=self.kernel_init,
                            name="out")(out_bthk)
     return constrain(out_btd, ("batch", "length", "embed"))
 
-  def _update_cache(self, k_bthk, v_bthk):
-    """Writes new keys/values at cache_index; returns full cache + causal mask."""
+  def _update_cache(self, k_bhtk, v_bhtk):
+    """Writes new keys/values at cache_index; returns full cache + causal mask.
+
+    The cache's length is whatever the caller allocated (init sizes it from the
+    full input); a sampler may start short and pad it as decoding advances
+    (see sampling.decode), so early steps read only the filled part.
+    """
     initialized = self.has_variable("cache", "cached_key")
-    ck = self.variable("cache", "cached_key", jnp.zeros, k_bthk.shape, k_bthk.dtype)
-    cv = self.variable("cache", "cached_value", jnp.zeros, v_bthk.shape, v_bthk.dtype)
+    ck = self.variable("cache", "cached_key", jnp.zeros, k_bhtk.shape, k_bhtk.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, v_bhtk.shape, v_bhtk.dtype)
     ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not initialized:  # init call: sizes the cache from the full-length input
-      return k_bthk, v_bthk, None
-    t = k_bthk.shape[1]
-    s = ck.value.shape[1]
+      return k_bhtk, v_bhtk, None
+    t = k_bhtk.shape[2]
+    s = ck.value.shape[2]
     idx = ci.value
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k_bthk.astype(ck.value.dtype), (0, idx, 0, 0))
-    cv.value = jax.lax.dynamic_update_slice(cv.value, v_bthk.astype(cv.value.dtype), (0, idx, 0, 0))
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k_bhtk.astype(ck.value.dtype), (0, 0, idx, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v_bhtk.astype(cv.value.dtype), (0, 0, idx, 0))
     ci.value = idx + t
     # query i (absolute position idx + i) sees keys at positions <= idx + i
     mask_ts = jnp.arange(s)[None, :] <= (idx + jnp.arange(t))[:, None]
