@@ -118,6 +118,11 @@ def logical_shardings(abstract_boxed, mesh, rules):
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+def named_sharding(names, shape, mesh, rules):
+  """NamedSharding for one array with logical axis `names` (None = replicated dim)."""
+  return NamedSharding(mesh, _fit_spec(nn.logical_to_mesh_axes(tuple(names), rules), shape, mesh))
+
+
 def replicated(mesh):
   return NamedSharding(mesh, P())
 

@@ -267,3 +267,31 @@ def test_bf16_weights_cast_once_change_no_logit(make):
   logits = jax.jit(dec.image_logits)
   np.testing.assert_array_equal(np.asarray(logits(cast, text, mask, codes)),
                                 np.asarray(logits(params, text, mask, codes)))
+
+
+@pytest.mark.parametrize("make", [tiny_dalle, tiny_mini])
+def test_sharded_sampling_equals_single_device(make):
+  """data x fsdp x tensor = 2 x 2 x 2: parameters and KV cache really split, same codes."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+  model = make()
+  params = _init(model)
+  dec = (decode.DalleDecoder if isinstance(model, dalle.DalleTransformer)
+         else decode.DalleMiniDecoder)(model)
+  mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  rules = common.DEFAULT_RULES
+  text, mask = _text(4, seed=8)
+  blank = (np.zeros(L, np.int32), np.arange(L) < 2)
+  sp = decode.SamplingParams(top_k=1, guidance_scale=2.0)
+  run = lambda **kw: np.asarray(decode.generate(dec, params, text, mask, rng=jax.random.PRNGKey(0),
+                                                sp=sp, uncond_text=blank[0], uncond_mask=blank[1],
+                                                chunk=6, **kw))
+  np.testing.assert_array_equal(run(mesh=mesh, rules=rules), run())
+  sharded = dec.shard_params(params, mesh, rules)
+  specs = [x.sharding.spec for x in jax.tree.leaves(sharded)]
+  assert any("tensor" in str(s) for s in specs) and any("fsdp" in str(s) for s in specs)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    cache = dec.init_cache(8, kv_dtype=jnp.float32, mesh=mesh, rules=rules)
+  kv = [x for p, x in jax.tree_util.tree_leaves_with_path(cache) if "cached_key" in str(p)]
+  assert kv and all(x.addressable_shards[0].data.size * 8 == x.size for x in kv)  # rows 4 x heads 2

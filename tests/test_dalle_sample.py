@@ -116,3 +116,15 @@ def test_sample_cli_rerank_keeps_top(checkpoint, tmp_path, monkeypatch):
   assert calls == {"clip": "CLIPDIR", "n": [3, 3], "top_k": 2}
   meta = json.loads((tmp_path / "r" / "samples.json").read_text())
   assert [r["clip_score"] for r in meta["images"]] == [2.0, 1.0, 2.0, 1.0]
+
+
+def test_sample_cli_sharded_mesh_matches_one_device(checkpoint, tmp_path):
+  """--mesh 2,2,2 (8 fake devices) writes the same greedy images as one device."""
+  args = ["--checkpoint", str(checkpoint / "ar"), "--prompt", CAPTIONS[0], "--num_images", "2",
+          "--top_k", "1", "--guidance_scale", "2"]
+  generate.sample_main(args + ["--out", str(tmp_path / "one.png")])
+  generate.sample_main(args + ["--mesh", "2,2,2", "--out", str(tmp_path / "mesh.png")])
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "mesh.png")),
+                                np.asarray(Image.open(tmp_path / "one.png")))
+  with pytest.raises(SystemExit, match="DATA,FSDP,TENSOR"):
+    generate.sample_main(args + ["--mesh", "2,4", "--out", str(tmp_path / "bad.png")])

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import parallel
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -136,10 +138,12 @@ class Decoder:
   def max_cache_len(self):
     return self.prefix_len + self.num_codes - 1
 
-  def init_cache(self, batch, length=None, kv_dtype=None):
+  def init_cache(self, batch, length=None, kv_dtype=None, mesh=None, rules=()):
     """Zero cache for `batch` rows; self-attention K/V hold `length` positions
     (default all) in `kv_dtype` (default the model's compute dtype).
-    Cross-attention caches are left as the model makes them."""
+    Cross-attention caches are left as the model makes them. With a mesh, K/V
+    are laid out by their logical names (rows over the batch axes, heads over
+    'tensor'), everything else replicated."""
     shapes = self.__dict__.setdefault("_cache_shapes", {})
     if batch not in shapes:  # tracing the model's init costs more than a short decode
       shapes[batch] = nn.meta.unbox(jax.eval_shape(
@@ -151,8 +155,20 @@ class Decoder:
       if _is_self_kv(path):  # (..., H, S, K): heads-major, sequence at -2
         shape = shape[:-2] + (length,) + shape[-1:]
         dtype = kv_dtype or dtype
-      return jnp.zeros(shape, dtype)
+      if mesh is None:
+        return jnp.zeros(shape, dtype)
+      names = _KV_NAMES[-len(shape):] if _is_kv(path) else (None,) * len(shape)
+      return jnp.zeros(shape, dtype, device=parallel.named_sharding(names, shape, mesh, rules))
     return jax.tree_util.tree_map_with_path(zeros, shapes[batch])
+
+  def shard_params(self, params, mesh, rules):
+    """params placed on `mesh` by their logical names (FSDP / tensor parallel).
+
+    From host or single-device arrays: the full tree must fit in host memory once.
+    """
+    boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0),
+                                                   *self._init_args(1)))["params"]
+    return jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
 
   @staticmethod
   def grow_cache(cache, length):
@@ -179,6 +195,14 @@ class Decoder:
 def _is_self_kv(path):
   last = getattr(path[-1], "key", None)
   return last in ("cached_key", "cached_value")
+
+
+def _is_kv(path):  # self- and cross-attention K/V: (layers?, B, H, S, K)
+  return getattr(path[-1], "key", None) in ("cached_key", "cached_value", "cross_key",
+                                            "cross_value")
+
+
+_KV_NAMES = ("layers", "batch", "heads", "length", "kv")
 
 
 class DalleDecoder(Decoder):
@@ -341,7 +365,7 @@ def default_kv_dtype():
 
 def generate(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingParams(),
              uncond_text=None, uncond_mask=None, chunk=64, progress=False, desc="decoding",
-             kv_block=None, kv_dtype="auto"):
+             kv_block=None, kv_dtype="auto", mesh=None, rules=()):
   """Samples codes (B, N) int32 for B text rows (repeat a prompt for several samples).
 
   uncond_text/uncond_mask: one (L,) row, the blank caption (needed when guided).
@@ -353,7 +377,26 @@ def generate(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingP
     keeps one fixed-size cache. The codes do not depend on it.
   kv_dtype: the self-attention cache's dtype; "auto" = `default_kv_dtype()`,
     None = the model's compute dtype.
+  mesh, rules: sharded sampling (one process): parameters placed by their
+    logical names (`Decoder.shard_params`; already placed ones are kept), the
+    rows split over the mesh's batch axes when they divide, and the KV cache
+    sharded like the activations (rows, heads), so a model too large for one
+    device samples across several. The codes equal single-device sampling up
+    to floating-point summation order.
   """
+  if mesh is None:
+    return _generate(decoder, params, text, mask, rng=rng, sp=sp, uncond_text=uncond_text,
+                     uncond_mask=uncond_mask, chunk=chunk, progress=progress, desc=desc,
+                     kv_block=kv_block, kv_dtype=kv_dtype)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = decoder.shard_params(params, mesh, rules)
+    return _generate(decoder, params, text, mask, rng=rng, sp=sp, uncond_text=uncond_text,
+                     uncond_mask=uncond_mask, chunk=chunk, progress=progress, desc=desc,
+                     kv_block=kv_block, kv_dtype=kv_dtype, mesh=mesh, rules=rules)
+
+
+def _generate(decoder, params, text, mask, *, rng, sp, uncond_text, uncond_mask, chunk,
+              progress, desc, kv_block, kv_dtype, mesh=None, rules=()):
   text = jnp.asarray(text, jnp.int32)
   mask = jnp.asarray(mask, bool)
   b, n = text.shape[0], decoder.num_codes
@@ -361,6 +404,10 @@ def generate(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingP
     if uncond_text is None:
       raise ValueError("guidance_scale != 1 needs the unconditional (blank caption) text")
     text, mask = _with_uncond(text, mask, uncond_text, uncond_mask)
+  if mesh is not None:
+    rows = lambda x: jax.device_put(x, parallel.named_sharding(("batch", None), x.shape, mesh,
+                                                               rules))
+    text, mask = rows(text), rows(mask)
   prefill_fn, chunk_fn, last_fn = _compiled(decoder, sp)
   params = compute_dtype_params(decoder, params)
   max_len = decoder.max_cache_len
@@ -369,7 +416,8 @@ def generate(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingP
   fit = lambda p: min(max_len, -(-p // block) * block)
   length = fit(decoder.prefix_len)
   kv_dtype = default_kv_dtype() if kv_dtype == "auto" else kv_dtype
-  logits, kv = prefill_fn(params, text, mask, decoder.init_cache(text.shape[0], length, kv_dtype))
+  logits, kv = prefill_fn(params, text, mask,
+                          decoder.init_cache(text.shape[0], length, kv_dtype, mesh, rules))
   state = (kv, logits, jnp.zeros((b, n), jnp.int32))
   bar = None
   if progress:

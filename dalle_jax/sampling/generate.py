@@ -61,10 +61,16 @@ def vqgan_decode(vq_config, vq_variables, codes_bn, grid, batch_size=16):
 class Pipeline:
   """Tokenizer + AR model + (optional) VQGAN."""
 
-  def __init__(self, config, variables, *, tokenizer, vqgan=None):
+  def __init__(self, config, variables, *, tokenizer, vqgan=None, mesh=None):
     self.config = config
-    self.params = variables["params"]
     self.decoder = decode.make_decoder(config)
+    self.mesh = mesh  # sharded sampling: parameters placed once, rows and cache split
+    self.rules = None
+    self.params = variables["params"]
+    if mesh is not None:
+      from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+      self.rules = parallel.rules_from_config(config)
+      self.params = self.decoder.shard_params(self.params, mesh, self.rules)
     self.tokenizer = tokenizer
     self.vqgan = vqgan  # (config, variables) or None
     self.grid = int(config.model.image_grid)
@@ -75,7 +81,7 @@ class Pipeline:
                          f"{config.model.image_vocab_size}: wrong --vqgan?")
 
   @classmethod
-  def load(cls, path, vqgan_path=None, require_vqgan=True):
+  def load(cls, path, vqgan_path=None, require_vqgan=True, mesh=None):
     from dalle_jax.data.tokenizers import get_tokenizer  # pylint: disable=g-import-not-at-top
     from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
     path = os.path.abspath(os.path.expanduser(path))
@@ -91,7 +97,7 @@ class Pipeline:
     elif require_vqgan:
       raise ValueError(f"{path}: the config records no VQGAN (config.vqgan is empty); "
                        "pass --vqgan DIR")
-    return cls(config, variables, tokenizer=tokenizer, vqgan=vqgan)
+    return cls(config, variables, tokenizer=tokenizer, vqgan=vqgan, mesh=mesh)
 
   # --- text ---------------------------------------------------------------------
   def encode_prompts(self, prompts, unconditional=False):
@@ -134,7 +140,7 @@ class Pipeline:
       codes = decode.generate(
           self.decoder, self.params, rows_ids[i:i + bs], rows_mask[i:i + bs],
           rng=jax.random.fold_in(rng, k), sp=sp, uncond_text=uncond[0], uncond_mask=uncond[1],
-          chunk=chunk, progress=progress,
+          chunk=chunk, progress=progress, mesh=self.mesh, rules=self.rules,
           desc=f"decoding {min(bs, n - i)} images" + (f" ({k + 1}/{-(-n // bs)})" if bs < n else ""))
       out.append(np.asarray(codes))
     return np.concatenate(out).reshape(len(ids), num_images, -1)
@@ -171,11 +177,28 @@ def _parser():
   p.add_argument("--guidance_scale", type=float, default=None,
                  help="classifier-free (super-condition) scale; 1 = off")
   p.add_argument("--batch_size", type=int, default=0, help="rows per decode batch (0 = all)")
+  p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                 help="sample sharded over a device mesh, e.g. 1,-1,1 (FSDP over all devices) "
+                      "or 2,1,4; default: one device")
   p.add_argument("--vqgan", default=None, help="VQGAN workdir/checkpoint (default: config.vqgan)")
   p.add_argument("--rerank_with", default=None, help="CLIP workdir/checkpoint for reranking")
   p.add_argument("--rerank_top", type=int, default=0, help="keep the K best per prompt")
   p.add_argument("--out", default="samples.png", help="grid PNG; images go to OUT_STEM/")
   return p
+
+
+def _mesh_from_flag(flag):
+  if not flag:
+    return None
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+  try:
+    sizes = [int(v) for v in flag.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != 3:
+    raise ValueError(f"--mesh {flag!r}: expected three comma-separated sizes DATA,FSDP,TENSOR")
+  return parallel.make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), sizes))))
 
 
 def _rerank(clip_path, prompts, images, top):
@@ -197,7 +220,8 @@ def sample_main(argv=None):
   if args.rerank_top and not args.rerank_with:
     raise SystemExit("error: --rerank_top needs --rerank_with CLIP_DIR")
   try:
-    pipe = Pipeline.load(args.workdir or args.checkpoint, vqgan_path=args.vqgan)
+    pipe = Pipeline.load(args.workdir or args.checkpoint, vqgan_path=args.vqgan,
+                         mesh=_mesh_from_flag(args.mesh))
     s = pipe.config.get("sampling") or {}
     pick = lambda v, k, d: v if v is not None else s.get(k, d)
     sp = SamplingParams(temperature=pick(args.temperature, "temperature", 1.0),
