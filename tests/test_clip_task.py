@@ -119,8 +119,8 @@ def test_task_step_under_mesh_and_flops(shapes_setup):
   batch = task.dummy_batch(16)
   batch["text_ids"] = np.tile(np.arange(16, dtype=np.int32)[:, None] % 7 + 4, (1, 16))
   batch["image"] = np.random.default_rng(0).uniform(-1, 1, batch["image"].shape).astype(np.float32)
-  with mesh, parallel.axis_rules_context(config):
-    params = parallel.unbox(variables["params"])
+  params = jax.device_put(parallel.unbox(variables["params"]), parallel.replicated(mesh))
+  with parallel.mesh_context(mesh, config):
     sharded = parallel.shard_batch(batch, mesh)
     grad_fn = jax.jit(jax.value_and_grad(task.loss_fn, has_aux=True))
     (loss, (metrics, _)), grads = grad_fn(params, {}, sharded, jax.random.PRNGKey(1), 0)
