@@ -13,7 +13,7 @@ Prints:
      first --ref_tokens tokens timed in 32-token chunks, the median chunk x 8 taken
      as its 256-token time: its per-token cost is constant).
   4. the trainer's step for the `dalle` layout (built as dalle_jax.train.loop.train
-     builds it: task, optimizer, sharded state, donated jit) at d_model 512,
+     builds it: task, optimizer, sharded state, donated jit) at d_model 512 (--train_d_model),
      --train_layers layers, 32 text + 16x16 image tokens, batch 8, in bfloat16 and
      float32: step time, FLOPs/step from the task's flops_per_example() x batch and
      from XLA's cost analysis, and MFU = achieved FLOP/s / the measured bf16 matmul
@@ -168,11 +168,13 @@ def bench_min_dalle(args):
 
 
 def train_config(args, dtype):
-  """configs/dalle.py:shapes scaled up: d 512, 32 text + 16x16 codes (8192), batch 8."""
+  """configs/dalle.py:shapes scaled up: d --train_d_model (512), 32 text + 16x16 codes
+  (8192), batch --train_batch (8)."""
   from configs import dalle as dalle_configs  # pylint: disable=g-import-not-at-top
   c = dalle_configs.get_config("shapes")
   c.model.update(text_vocab_size=4096, text_len=32, image_vocab_size=8192, image_grid=16,
-                 num_layers=args.train_layers, d_model=512, num_heads=8, mlp_dim=2048)
+                 num_layers=args.train_layers, d_model=args.train_d_model,
+                 num_heads=args.train_d_model // 64, mlp_dim=4 * args.train_d_model)
   c.text.max_len = 32
   c.blank_caption_prob = 0.0  # caption dropout needs a tokenizer; it costs no FLOPs
   c.data.dataset = ""  # no encoded records: the model dims above stand
@@ -222,6 +224,8 @@ def main():
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--train_layers", type=int, default=4)
   p.add_argument("--train_batch", type=int, default=8)
+  p.add_argument("--train_d_model", type=int, default=512,
+                 help="[4] width (heads of 64, MLP 4x); wider models spend more of the step in matmuls")
   p.add_argument("--train_reps", type=int, default=2)
   p.add_argument("--dtype", default="bfloat16",
                  help="compute dtype of the [1]/[2] models (the configs' default: bfloat16)")
