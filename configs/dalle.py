@@ -14,7 +14,7 @@ workdir's config.json records which VQGAN produced its codes.
 
 Presets:
   shapes  4 layers, d 192, 16 text + 8x8 codes (VQGAN shapes preset, 128 codes), bf16;
-          2500 steps, ~9.5 minutes on a 2-core CPU: image_loss falls from
+          2500 steps, 8.5-9.5 minutes on a 2-core CPU: image_loss falls from
           ln(128)=4.85 to ~0.7. Measured on the demo prompts (24 kept samples): colour
           and background followed 100%, shape 67% (2000 steps in f32: 46%; 3000 steps:
           69-73%). Raise --config.total_steps for cleaner shapes.
