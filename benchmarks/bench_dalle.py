@@ -39,13 +39,7 @@ from dalle_jax.sampling import decode  # noqa: E402
 
 def _timed(fn, repeats=3):
   """Best of `repeats` after one warm-up call (min: robust to a shared host's noise)."""
-  common.block(fn())
-  best = float("inf")
-  for _ in range(repeats):
-    t = time.perf_counter()
-    common.block(fn())
-    best = min(best, time.perf_counter() - t)
-  return best
+  return common.timeit(fn, warmup=1, reps=repeats, stat=min)
 
 
 def _dalle(args, grid):

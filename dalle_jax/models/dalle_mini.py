@@ -24,7 +24,6 @@ Shapes: B batch, L text length, N image codes, D width, S key length.
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dalle_jax.models import layers

@@ -60,10 +60,16 @@ def _mixed_einsum_fwd(spec, a, b, bias, dtype, out_dtype):
   return y.astype(out_dtype), (a_c, b_c, like(a), like(b), like(bias))
 
 
+def _split_spec(spec):
+  """'ab,bc->ac' -> ('ab', 'bc', 'ac')."""
+  ins, out = spec.replace(" ", "").split("->")
+  sa, sb = ins.split(",")
+  return sa, sb, out
+
+
 def _mixed_einsum_bwd(spec, dtype, out_dtype, res, g):
   a_c, b_c, a_dt, b_dt, bias_dt = res
-  ins, out = spec.split("->")
-  sa, sb = ins.split(",")
+  sa, sb, out = _split_spec(spec)
   g = g.astype(dtype)
   da = _ordered_einsum_f32(out, sb, sa, g, b_c).astype(a_dt.dtype)
   db = _ordered_einsum_f32(sa, out, sb, a_c, g).astype(b_dt.dtype)
@@ -94,8 +100,7 @@ def mixed_einsum(spec, a, b, dtype, out_dtype=None, bias=None):
   Two operands, explicit output, and no index summed within one operand alone
   (so each input's gradient is itself a two-operand einsum).
   """
-  ins, out = spec.replace(" ", "").split("->")
-  sa, sb = ins.split(",")
+  sa, sb, out = _split_spec(spec)
   for own, other in ((sa, sb), (sb, sa)):
     if any(i not in out and i not in other for i in own):
       raise ValueError(f"mixed_einsum({spec!r}): an index is summed within one operand")
@@ -250,13 +255,12 @@ def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
   """
   if kv_layout not in ("bshk", "bhsk"):
     raise ValueError(f"kv_layout={kv_layout!r}: expected 'bshk' or 'bhsk'")
-  kv = kv_layout
   q_bthk = q_bthk * jnp.asarray(q_bthk.shape[-1] ** -0.5, q_bthk.dtype)
-  logits_bhts = mixed_einsum(f"bthk,{kv}->bhts", q_bthk, k, dtype, jnp.float32)
+  logits_bhts = mixed_einsum(f"bthk,{kv_layout}->bhts", q_bthk, k, dtype, jnp.float32)
   if mask is not None:
     logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
   probs_bhts = jax.nn.softmax(logits_bhts, axis=-1)
-  return mixed_einsum(f"bhts,{kv}->bthk", probs_bhts, v, dtype)
+  return mixed_einsum(f"bhts,{kv_layout}->bthk", probs_bhts, v, dtype)
 
 
 class Attention(nn.Module):

@@ -16,12 +16,9 @@ Shapes: B batch (rows that get distinct samples), L text length, N codes, V logi
 """
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dalle_jax import parallel
 
@@ -152,12 +149,12 @@ class Decoder:
 
     def zeros(path, s):
       shape, dtype = s.shape, s.dtype
-      if _is_self_kv(path):  # (..., H, S, K): heads-major, sequence at -2
+      if _kv_kind(path) == "self":  # (..., H, S, K): heads-major, sequence at -2
         shape = shape[:-2] + (length,) + shape[-1:]
         dtype = kv_dtype or dtype
       if mesh is None:
         return jnp.zeros(shape, dtype)
-      names = _KV_NAMES[-len(shape):] if _is_kv(path) else (None,) * len(shape)
+      names = _KV_NAMES[-len(shape):] if _kv_kind(path) else (None,) * len(shape)
       return jnp.zeros(shape, dtype, device=parallel.named_sharding(names, shape, mesh, rules))
     return jax.tree_util.tree_map_with_path(zeros, shapes[batch])
 
@@ -166,15 +163,16 @@ class Decoder:
 
     From host or single-device arrays: the full tree must fit in host memory once.
     """
-    boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0),
-                                                   *self._init_args(1)))["params"]
-    return jax.device_put(params, parallel.logical_shardings(boxed, mesh, rules))
+    if "_boxed_params" not in self.__dict__:  # traced once per decoder, like the cache shapes
+      self._boxed_params = jax.eval_shape(
+          lambda: self.model.init(jax.random.PRNGKey(0), *self._init_args(1)))["params"]
+    return jax.device_put(params, parallel.logical_shardings(self._boxed_params, mesh, rules))
 
   @staticmethod
   def grow_cache(cache, length):
     """Pads the self-attention K/V of `cache` with zeros to `length` positions."""
     def pad(path, x):
-      if not _is_self_kv(path) or x.shape[-2] >= length:
+      if _kv_kind(path) != "self" or x.shape[-2] >= length:
         return x
       widths = [(0, 0)] * x.ndim
       widths[-2] = (0, length - x.shape[-2])
@@ -192,14 +190,10 @@ class Decoder:
     raise NotImplementedError
 
 
-def _is_self_kv(path):
-  last = getattr(path[-1], "key", None)
-  return last in ("cached_key", "cached_value")
-
-
-def _is_kv(path):  # self- and cross-attention K/V: (layers?, B, H, S, K)
-  return getattr(path[-1], "key", None) in ("cached_key", "cached_value", "cross_key",
-                                            "cross_value")
+def _kv_kind(path):
+  """'self' / 'cross' for a cache leaf holding attention K/V (layers?, B, H, S, K), else None."""
+  return {"cached_key": "self", "cached_value": "self", "cross_key": "cross",
+          "cross_value": "cross"}.get(getattr(path[-1], "key", None))
 
 
 _KV_NAMES = ("layers", "batch", "heads", "length", "kv")
@@ -347,9 +341,13 @@ def compute_dtype_params(decoder, params):
   dtype = jnp.dtype(decoder.model.dtype)
   if dtype == jnp.float32:
     return params
-  cast = lambda x: x.astype(dtype) if (x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
-                                       and x.dtype != dtype) else x
-  return jax.jit(lambda p: jax.tree.map(cast, p))(params)
+  return _cast_matrices(params, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast_matrices(params, dtype):
+  cast = lambda x: x.astype(dtype) if (x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)) else x
+  return jax.tree.map(cast, params)
 
 
 def kv_block_size(max_len, segments=4, multiple=64):

@@ -13,7 +13,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax.sampling import decode
