@@ -129,5 +129,12 @@ def test_sample_cli_sharded_mesh_matches_one_device(checkpoint, tmp_path):
   generate.sample_main(args + ["--mesh", "2,2,2", "--out", str(tmp_path / "mesh.png")])
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "mesh.png")),
                                 np.asarray(Image.open(tmp_path / "one.png")))
+  # Pipeline.load(mesh=) reads each parameter straight into its shards
+  mesh = generate._mesh_from_flag("2,2,2")
+  pipe = generate.Pipeline.load(str(checkpoint / "ar"), mesh=mesh)
+  one = generate.Pipeline.load(str(checkpoint / "ar"))
+  head = pipe.params["image_head"]["kernel"]
+  assert len(head.sharding.device_set) == 8 and head.addressable_shards[0].data.size < head.size
+  np.testing.assert_array_equal(np.asarray(head), np.asarray(one.params["image_head"]["kernel"]))
   with pytest.raises(SystemExit, match="DATA,FSDP,TENSOR"):
     generate.sample_main(args + ["--mesh", "2,4", "--out", str(tmp_path / "bad.png")])

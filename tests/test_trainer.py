@@ -151,6 +151,29 @@ def test_ema_params_kept_and_loadable(tmp_path):
   assert cfg.family == "tests.toy_task"
   np.testing.assert_array_equal(np.asarray(variables["params"]["wi"]["kernel"]),
                                 np.asarray(state.ema_params["wi"]["kernel"]))
+  # Straight into shards (only the parameters are read): every leaf split over
+  # all 8 devices along a dimension they divide, values equal to the saved ones.
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  def spec(x):
+    dims = [None] * x.ndim
+    split = [i for i, n in enumerate(x.shape) if n % 8 == 0]
+    if split:
+      dims[split[0]] = "fsdp"
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*dims))
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spec(x)),
+                        state.params)
+  _, raw = ckpt_lib.load_model(str(tmp_path), use_ema=False, params_target=target)
+  for got, want, t in zip(jax.tree.leaves(raw["params"]), jax.tree.leaves(state.params),
+                          jax.tree.leaves(target)):
+    assert got.sharding == t.sharding
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert any(len(g.sharding.device_set) == 8 and g.addressable_shards[0].data.size < g.size
+             for g in jax.tree.leaves(raw["params"]))
+  bad = jax.tree.map(lambda x: x, target)
+  bad["wi"]["kernel"] = jax.ShapeDtypeStruct((3, 5), jnp.float32, sharding=spec(np.zeros((3, 5))))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="wi/kernel"):
+    ckpt_lib.load_model(str(tmp_path), params_target=bad)
 
 
 # --- subprocess tests: the real command line ---------------------------------

@@ -158,15 +158,27 @@ class Decoder:
       return jnp.zeros(shape, dtype, device=parallel.named_sharding(names, shape, mesh, rules))
     return jax.tree_util.tree_map_with_path(zeros, shapes[batch])
 
-  def shard_params(self, params, mesh, rules):
-    """params placed on `mesh` by their logical names (FSDP / tensor parallel).
-
-    From host or single-device arrays: the full tree must fit in host memory once.
-    """
+  def _param_shardings(self, mesh, rules):
     if "_boxed_params" not in self.__dict__:  # traced once per decoder, like the cache shapes
       self._boxed_params = jax.eval_shape(
           lambda: self.model.init(jax.random.PRNGKey(0), *self._init_args(1)))["params"]
-    return jax.device_put(params, parallel.logical_shardings(self._boxed_params, mesh, rules))
+    return parallel.logical_shardings(self._boxed_params, mesh, rules)
+
+  def abstract_params(self, mesh, rules):
+    """The parameters as jax.ShapeDtypeStructs placed on `mesh` by their logical
+    names: the target `checkpoint.load_model(params_target=)` restores straight
+    into shards."""
+    shardings = self._param_shardings(mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(self._boxed_params), shardings)
+
+  def shard_params(self, params, mesh, rules):
+    """params placed on `mesh` by their logical names (FSDP / tensor parallel).
+
+    From host or single-device arrays the full tree must fit in one host's
+    memory; `Pipeline.load(mesh=)` restores into shards instead (`abstract_params`).
+    """
+    return jax.device_put(params, self._param_shardings(mesh, rules))
 
   @staticmethod
   def grow_cache(cache, length):

@@ -84,10 +84,15 @@ class Pipeline:
     from dalle_jax.data.tokenizers import get_tokenizer  # pylint: disable=g-import-not-at-top
     from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
     path = os.path.abspath(os.path.expanduser(path))
-    config, variables = checkpoint.load_model(path)
+    config = checkpoint.read_config(path)
     if config.get("family") != "dalle":
       raise ValueError(f"{path}: config.family={config.get('family')!r}, expected 'dalle' "
                        "(an autoregressive text->image checkpoint)")
+    target = None
+    if mesh is not None:  # each parameter read straight into its shards
+      from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+      target = decode.make_decoder(config).abstract_params(mesh, parallel.rules_from_config(config))
+    _, variables = checkpoint.load_model(path, params_target=target)
     tokenizer = get_tokenizer(config.text, data_cfg=config.get("data"), base_dir=path)
     vq = vqgan_path or resolve_path(config.get("vqgan", ""), path)
     vqgan = None

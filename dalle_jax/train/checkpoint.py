@@ -130,30 +130,71 @@ def _resolve_text_path(config, root):
   return config
 
 
-def _restore_single_device(directory):
-  """Restores a saved tree onto one device (whatever mesh it was saved from)."""
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(directory)
-  tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree)
-  return ckptr.restore(directory, abstract)
+def _item_metadata(directory):
+  meta = ocp.StandardCheckpointer().metadata(directory)
+  return meta.item_metadata if hasattr(meta, "item_metadata") else meta
 
 
-def load_model(path, use_ema=True):
-  """(config, variables) from a training workdir or an imported checkpoint dir.
+def _restore_entries(directory, keys, targets=None):
+  """Restores only the top-level entries `keys` of a saved tree (the others, e.g.
+  the optimizer state, are never read).
 
-  variables = {'params': ..., other collections}. From a workdir the latest
-  checkpoint is used, with EMA parameters when the run kept them.
+  targets: {key: pytree of jax.ShapeDtypeStruct (or arrays) with shardings} for
+  entries to restore straight into their shards (each process reads only its
+  part; shapes are checked, with every difference named); other entries go to
+  one device. Returns {key: tree} for the keys the checkpoint holds (None entries
+  skipped).
   """
+  tree = _item_metadata(directory)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = {}
+  for key in keys:
+    saved = tree.get(key)
+    if saved is None or (isinstance(saved, dict) and not saved):
+      continue
+    target = (targets or {}).get(key)
+    if target is not None:
+      check_compatible(saved, target, f"{directory} ({key})")
+      abstract[key] = jax.tree.map(
+          lambda m, t: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=t.sharding),
+          saved, target)
+    else:
+      abstract[key] = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), saved)
+  if not abstract:
+    return {}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  return ocp.PyTreeCheckpointer().restore(
+      directory, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args,
+                                             partial_restore=True))
+
+
+def read_config(path):
+  """The config.json of a training workdir or imported checkpoint directory."""
   path = os.path.abspath(os.path.expanduser(path))
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f"{path}: not a training workdir or imported checkpoint (no config.json)")
-  config = _resolve_text_path(_read_config(cfg_file), path)
+  return _resolve_text_path(_read_config(cfg_file), path)
+
+
+def load_model(path, use_ema=True, params_target=None):
+  """(config, variables) from a training workdir or an imported checkpoint dir.
+
+  variables = {'params': ..., other collections}. From a workdir the latest
+  readable checkpoint is used, with EMA parameters when the run kept them; only
+  the parameters (and model state) are read, never the optimizer state.
+  params_target: None (one device) or the parameters' abstract tree
+  (jax.ShapeDtypeStruct or arrays, with shardings): each parameter is then
+  restored straight into its shards on the mesh, so a model larger than one
+  device (or, across processes, one host's memory) loads for sampling.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  config = read_config(path)
   if os.path.isdir(os.path.join(path, "variables")):  # imported checkpoint
-    variables = _restore_single_device(os.path.join(path, "variables"))
-    return config, variables
+    directory = os.path.join(path, "variables")
+    keys = list(_item_metadata(directory).keys())
+    return config, _restore_entries(directory, keys, {"params": params_target})
   ckpt_root = os.path.join(path, "checkpoints")
   steps = sorted((int(d) for d in os.listdir(ckpt_root) if d.isdigit()), reverse=True) \
       if os.path.isdir(ckpt_root) else []
@@ -161,16 +202,20 @@ def load_model(path, use_ema=True):
     raise FileNotFoundError(f"{path}: training workdir without checkpoints under {ckpt_root}")
   last_error = None
   for step in steps:
+    directory = os.path.join(ckpt_root, str(step), "state")
     try:
-      state = _restore_single_device(os.path.join(ckpt_root, str(step), "state"))
+      saved = _item_metadata(directory)
+      key = "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
+      state = _restore_entries(directory, [key, "model_state"], {key: params_target})
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # damaged: fall back to the previous one
       logging.error("checkpoint %s/%d unreadable (%s); trying the previous one", ckpt_root, step, e)
       last_error = e
       continue
-    params = state["ema_params"] if use_ema and state.get("ema_params") is not None else state["params"]
-    variables = {"params": params}
+    variables = {"params": state[key]}
     variables.update(state.get("model_state") or {})
-    logging.info("loaded %s step %d%s", path, step, " (EMA params)" if params is state.get("ema_params") else "")
+    logging.info("loaded %s step %d%s", path, step, " (EMA params)" if key == "ema_params" else "")
     return config, variables
   raise RuntimeError(f"{path}: no readable checkpoint ({last_error})")
 
