@@ -59,6 +59,31 @@ def test_mixed_einsum_rejects_single_operand_sums():
     layers.mixed_einsum("ab,bc->c", jnp.ones((2, 3)), jnp.ones((3, 4)), jnp.float32)
 
 
+def _reference_attention(q, k, v, mask):
+  logits = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+  logits = jnp.where(mask, logits, layers.NEG_INF)
+  return jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(logits, -1), v)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)])
+def test_attention_hand_written_backward_matches_autodiff(dtype, tol):
+  """The training attention's own VJP (probabilities kept in the compute dtype)
+  against autodiff of plain f32 attention, causal mask with a fully masked
+  stretch; inputs' dtypes come back."""
+  q, k, v = (_rand(i, (2, 7, 3, 4)) for i in range(3))
+  mask = (jnp.arange(7)[None, :] <= jnp.arange(7)[:, None])[None, None]
+  mask = mask & (jnp.arange(7) != 2)  # key 2 hidden from everyone
+  w = _rand(9, (2, 7, 3, 4))
+  ours = lambda q, k, v: jnp.sum(
+      w * layers.dot_product_attention(q, k, v, mask, dtype).astype(jnp.float32))
+  ref = lambda q, k, v: jnp.sum(w * _reference_attention(q, k, v, mask))
+  np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=tol, atol=tol)
+  for g, r in zip(jax.jit(jax.grad(ours, (0, 1, 2)))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v)):
+    assert g.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(g - r) / jnp.linalg.norm(r))
+    assert rel < tol, rel
+
+
 def test_dense_keeps_flax_parameter_layout():
   """Checkpoints and converters rely on nn.Dense's names and shapes."""
   x = _rand(0, (3, 7))

@@ -243,6 +243,41 @@ def causal_mask(t, s=None):
   return jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + (s - t))
 
 
+def _attention_core_fwd(q_bthk, k_bshk, v_bshk, mask, dtype):
+  q, k, v = q_bthk.astype(dtype), k_bshk.astype(dtype), v_bshk.astype(dtype)
+  logits_bhts = _einsum_f32("bthk,bshk->bhts", q, k)
+  if mask is not None:
+    logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
+  e_bhts = jnp.exp(logits_bhts - jnp.max(logits_bhts, -1, keepdims=True))
+  probs_bhts = (e_bhts * (1.0 / jnp.sum(e_bhts, -1, keepdims=True))).astype(dtype)
+  out_bthk = _einsum_f32("bhts,bshk->bthk", probs_bhts, v).astype(dtype)
+  like = lambda x: jnp.zeros((0,), x.dtype)
+  return out_bthk, (q, k, v, probs_bhts, like(q_bthk), like(k_bshk), like(v_bshk))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_core(q_bthk, k_bshk, v_bshk, mask, dtype):
+  return _attention_core_fwd(q_bthk, k_bshk, v_bshk, mask, dtype)[0]
+
+
+def _attention_core_bwd(dtype, res, g_bthk):
+  # Softmax backward from the probabilities kept in the compute dtype (the
+  # rounding the forward's probs @ v already used): one f32 pass, where
+  # autodiff kept f32 probabilities plus a materialised broadcast of 1/sum.
+  q, k, v, probs_bhts, q_dt, k_dt, v_dt = res
+  g = g_bthk.astype(dtype)
+  dv = _einsum_f32("bhts,bthk->bshk", probs_bhts, g)
+  dprobs_bhts = _einsum_f32("bthk,bshk->bhts", g, v)
+  p = probs_bhts.astype(jnp.float32)
+  dlogits_bhts = (p * (dprobs_bhts - jnp.sum(dprobs_bhts * p, -1, keepdims=True))).astype(dtype)
+  dq = _einsum_f32("bhts,bshk->bthk", dlogits_bhts, k)
+  dk = _einsum_f32("bhts,bthk->bshk", dlogits_bhts, q)
+  return dq.astype(q_dt.dtype), dk.astype(k_dt.dtype), dv.astype(v_dt.dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
   """softmax(q k^T / sqrt(K)) v per head -> (B, T, H, K); logits, softmax in f32.
 
@@ -250,17 +285,20 @@ def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
   decode cache's layout: each step's contractions then read the cache in place,
   where a (B, S, H, K) cache would be transposed, i.e. copied whole, per step
   and layer). Training keeps "bshk": its backward contractions are the forms
-  XLA:CPU runs fast in bf16 (some mixed-layout ones have no bf16 -> f32 kernel).
+  XLA:CPU runs fast in bf16 (some mixed-layout ones have no bf16 -> f32 kernel),
+  and its hand-written backward pass keeps the probabilities in `dtype`.
   mask: bool broadcastable to (B, H, T, S), True = may attend, or None.
   """
   if kv_layout not in ("bshk", "bhsk"):
     raise ValueError(f"kv_layout={kv_layout!r}: expected 'bshk' or 'bhsk'")
   q_bthk = q_bthk * jnp.asarray(q_bthk.shape[-1] ** -0.5, q_bthk.dtype)
-  logits_bhts = mixed_einsum(f"bthk,{kv_layout}->bhts", q_bthk, k, dtype, jnp.float32)
+  if kv_layout == "bshk":
+    return _attention_core(q_bthk, k, v, mask, jnp.dtype(dtype))
+  logits_bhts = mixed_einsum("bthk,bhsk->bhts", q_bthk, k, dtype, jnp.float32)
   if mask is not None:
     logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
   probs_bhts = jax.nn.softmax(logits_bhts, axis=-1)
-  return mixed_einsum(f"bhts,{kv_layout}->bthk", probs_bhts, v, dtype)
+  return mixed_einsum("bhts,bhsk->bthk", probs_bhts, v, dtype)
 
 
 class Attention(nn.Module):
