@@ -177,8 +177,8 @@ class TrainerStep:
       self.state, metrics = self.compiled(self.state, self.batch)
     return metrics
 
-  def time(self, warmup=1, reps=3):
-    return timeit(self.step, warmup=warmup, reps=reps)
+  def time(self, warmup=1, reps=3, stat=statistics.median):
+    return timeit(self.step, warmup=warmup, reps=reps, stat=stat)
 
   def release(self):
     self.state = None
