@@ -138,3 +138,31 @@ def test_sample_cli_sharded_mesh_matches_one_device(checkpoint, tmp_path):
   np.testing.assert_array_equal(np.asarray(head), np.asarray(one.params["image_head"]["kernel"]))
   with pytest.raises(SystemExit, match="DATA,FSDP,TENSOR"):
     generate.sample_main(args + ["--mesh", "2,4", "--out", str(tmp_path / "bad.png")])
+
+
+def test_sample_cli_two_processes_match_one(checkpoint, tmp_path):
+  """sample.py --mesh 2,2,2 as two processes of 4 CPU devices (one JAX cluster on
+  loopback): each restores only its parameter shards, the codes are gathered, and
+  process 0 writes the same images as one process over 8 devices."""
+  import socket
+  import subprocess
+  import sys
+  args = ["--checkpoint", str(checkpoint / "ar"), "--prompt", CAPTIONS[4], "--num_images", "2",
+          "--top_k", "1", "--guidance_scale", "2", "--mesh", "2,2,2"]
+  generate.sample_main(args + ["--out", str(tmp_path / "one.png")])
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      [sys.executable, "sample.py", *args, "--out", str(tmp_path / "two.png"),
+       "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+       "--process_id", str(i)], cwd=root, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "two.png")),
+                                np.asarray(Image.open(tmp_path / "one.png")))
+  assert "wrote" in outs[0] and "wrote" not in outs[1]  # process 0 alone writes

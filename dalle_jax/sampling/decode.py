@@ -19,6 +19,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dalle_jax import parallel
 
@@ -415,8 +416,10 @@ def _generate(decoder, params, text, mask, *, rng, sp, uncond_text, uncond_mask,
       raise ValueError("guidance_scale != 1 needs the unconditional (blank caption) text")
     text, mask = _with_uncond(text, mask, uncond_text, uncond_mask)
   if mesh is not None:
-    rows = lambda x: jax.device_put(x, parallel.named_sharding(("batch", None), x.shape, mesh,
-                                                               rules))
+    # every process holds the same rows: each places its devices' part (multi-process too)
+    rows = lambda x: jax.make_array_from_callback(
+        x.shape, parallel.named_sharding(("batch", None), x.shape, mesh, rules),
+        lambda idx, x=np.asarray(x): x[idx])
     text, mask = rows(text), rows(mask)
   prefill_fn, chunk_fn, last_fn = _compiled(decoder, sp)
   params = compute_dtype_params(decoder, params)

@@ -57,6 +57,14 @@ def vqgan_decode(vq_config, vq_variables, codes_bn, grid, batch_size=16):
   return np.concatenate(out)
 
 
+def _to_host(x):
+  """A (possibly multi-process, sharded) array as one numpy array on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class Pipeline:
   """Tokenizer + AR model + (optional) VQGAN."""
 
@@ -146,7 +154,7 @@ class Pipeline:
           rng=jax.random.fold_in(rng, k), sp=sp, uncond_text=uncond[0], uncond_mask=uncond[1],
           chunk=chunk, progress=progress, mesh=self.mesh, rules=self.rules,
           desc=f"decoding {min(bs, n - i)} images" + (f" ({k + 1}/{-(-n // bs)})" if bs < n else ""))
-      out.append(np.asarray(codes))
+      out.append(_to_host(codes))
     return np.concatenate(out).reshape(len(ids), num_images, -1)
 
   def decode_images(self, codes):
@@ -184,6 +192,11 @@ def _parser():
   p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                  help="sample sharded over a device mesh, e.g. 1,-1,1 (FSDP over all devices) "
                       "or 2,1,4; default: one device")
+  p.add_argument("--coordinator_address", default=None,
+                 help="multi-process sampling over one --mesh: host:port of process 0 (or env "
+                      "DALLE_JAX_COORDINATOR; auto-detected on Cloud TPU pods)")
+  p.add_argument("--num_processes", type=int, default=None, help="(or env DALLE_JAX_NUM_PROCESSES)")
+  p.add_argument("--process_id", type=int, default=None, help="(or env DALLE_JAX_PROCESS_ID)")
   p.add_argument("--vqgan", default=None, help="VQGAN workdir/checkpoint (default: config.vqgan)")
   p.add_argument("--rerank_with", default=None, help="CLIP workdir/checkpoint for reranking")
   p.add_argument("--rerank_top", type=int, default=0, help="keep the K best per prompt")
@@ -223,6 +236,8 @@ def sample_main(argv=None):
     raise SystemExit("error: give at least one --prompt TEXT (or --unconditional)")
   if args.rerank_top and not args.rerank_with:
     raise SystemExit("error: --rerank_top needs --rerank_with CLIP_DIR")
+  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
     pipe = Pipeline.load(args.workdir or args.checkpoint, vqgan_path=args.vqgan,
                          mesh=_mesh_from_flag(args.mesh))
@@ -243,6 +258,8 @@ def sample_main(argv=None):
   if args.rerank_with:
     images, scores = _rerank(args.rerank_with, prompts, images, args.rerank_top or args.num_images)
   out = os.path.abspath(args.out)
+  if jax.process_index() != 0:  # every process holds all the images; one writes them
+    return out
   stem = os.path.splitext(out)[0]
   os.makedirs(stem, exist_ok=True)
   rows = []
