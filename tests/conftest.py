@@ -10,6 +10,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The CLIs' persistent compilation cache stays off in tests (nothing written to
+# ~/.cache; every test compiles what it measures); test_cli turns it on in a tmp dir.
+os.environ["DALLE_JAX_CACHE_DIR"] = ""
 
 
 def pytest_sessionstart(session):

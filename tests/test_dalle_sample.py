@@ -166,3 +166,25 @@ def test_sample_cli_two_processes_match_one(checkpoint, tmp_path):
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "two.png")),
                                 np.asarray(Image.open(tmp_path / "one.png")))
   assert "wrote" in outs[0] and "wrote" not in outs[1]  # process 0 alone writes
+
+
+def test_sample_cli_reuses_persistent_compilation_cache(checkpoint, tmp_path):
+  """sample.py keeps its compiled programs in DALLE_JAX_CACHE_DIR: a second run
+  reads the sampling loop back instead of compiling it, and writes the same image."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cache = tmp_path / "xla"
+  env = dict(os.environ, DALLE_JAX_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             JAX_LOG_COMPILES="1")  # cache hits are then logged as warnings
+  logs = []
+  for run in ("a", "b"):
+    logs.append(subprocess.run(
+        [sys.executable, "sample.py", "--checkpoint", str(checkpoint / "ar"), "--prompt",
+         CAPTIONS[5], "--num_images", "2", "--top_k", "8", "--seed", "3",
+         "--out", str(tmp_path / f"{run}.png")], cwd=root, env=env, check=True,
+        capture_output=True, text=True).stderr)
+  hit = "Persistent compilation cache hit for 'jit_chunk'"
+  assert any(cache.iterdir()) and hit not in logs[0] and hit in logs[1], logs[1][-2000:]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")),
+                                np.asarray(Image.open(tmp_path / "b.png")))

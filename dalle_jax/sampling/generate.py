@@ -236,7 +236,8 @@ def sample_main(argv=None):
     raise SystemExit("error: give at least one --prompt TEXT (or --unconditional)")
   if args.rerank_top and not args.rerank_with:
     raise SystemExit("error: --rerank_top needs --rerank_with CLIP_DIR")
-  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+  from dalle_jax import cli, parallel  # pylint: disable=g-import-not-at-top
+  cli.enable_compilation_cache()
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
     pipe = Pipeline.load(args.workdir or args.checkpoint, vqgan_path=args.vqgan,
