@@ -19,6 +19,8 @@ Prints:
      from XLA's cost analysis, and MFU = achieved FLOP/s / the measured bf16 matmul
      peak of this host (dalle_jax.train.metrics.measure_matmul_flops), target >= 50%.
      Both the step and the peak are the best of several runs (the median step too).
+  5. the paper's sparse patterns (row, column, conv) at its 256 + 32x32 stream: one
+     attention layer's forward + backward, block-sparse vs dense masking.
 Sampling timings are the best of --reps runs; all exclude
 compilation (one warm-up call each), except eager PyTorch (no warm-up).
 """
@@ -252,6 +254,30 @@ def bench_train_mfu(args):
                       extra="(met)" if mfu >= 0.5 else "(NOT met)")
 
 
+def bench_sparse(args):
+  """[5] the paper's sparse patterns at its stream (256 text + 32x32 codes): one
+  attention layer's forward + backward, block-sparse vs dense masking."""
+  from dalle_jax.models import dalle as dalle_lib  # pylint: disable=g-import-not-at-top
+  text_len, grid, b, h, k = 256, 32, 2, 8, 64
+  t = text_len + grid * grid
+  pats = ("row", "column", "conv")
+  dense = dalle_lib.attention_masks(text_len, grid, grid, pats, 11)
+  layouts = dalle_lib.sparse_layouts(text_len, grid, pats, 11)
+  key = jax.random.PRNGKey(0)
+  q, kk, v = (jax.random.normal(jax.random.fold_in(key, i), (b, t, h, k), jnp.bfloat16)
+              for i in range(3))
+  w = jax.random.normal(key, (b, t, h, k), jnp.float32)
+  grad = lambda mask: jax.jit(jax.grad(lambda q, k, v: jnp.sum(w * layers.dot_product_attention(
+      q, k, v, mask, jnp.bfloat16).astype(jnp.float32)), (0, 1, 2)))
+  for name, m, lay in zip(pats, dense, layouts):
+    t_dense = _timed(lambda f=grad(jnp.asarray(m)): f(q, kk, v), args.reps)
+    t_sparse = _timed(lambda f=grad(lay): f(q, kk, v), args.reps)
+    common.ratio_line(f"[5] {name} attention fwd+bwd, {text_len}+{grid}x{grid} stream, batch {b}, "
+                      f"{h}x{k} heads, block-sparse ({lay.keys_per_query} of {t} keys/query) vs "
+                      f"dense mask", t_sparse, t_dense, ours_label="block-sparse",
+                      theirs_label="dense")
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--layers", type=int, default=4)
@@ -269,7 +295,7 @@ def main():
   p.add_argument("--reps", type=int, default=3, help="timed runs per sampling measurement (min)")
   p.add_argument("--ref_tokens", type=int, default=96,
                  help="min-dalle tokens timed in [3] (multiple of 32; 256 = the whole image)")
-  p.add_argument("--only", default="1,2,3,4", help="which sections to run")
+  p.add_argument("--only", default="1,2,3,4,5", help="which sections to run")
   args = p.parse_args()
   print(f"devices: {jax.devices()}")
   only = set(args.only.split(","))
@@ -281,6 +307,8 @@ def main():
     bench_min_dalle(args)
   if "4" in only:
     bench_train_mfu(args)
+  if "5" in only:
+    bench_sparse(args)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,36 @@ def test_masks_causal_and_structured():
   assert m[q, :text_len + 1].all()
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_block_sparse_training_equals_dense_masks(scan):
+  """Sparse layers computed block-sparsely (row, column via the transposed grid,
+  conv) give the dense-masked logits and gradients; scanned layers pick their
+  pattern with lax.switch. bf16 compiles on CPU and stays close."""
+  blocks, dense = tiny_dalle(scan=scan), tiny_dalle(scan=scan, sparse_blocks=False)
+  text = dalle.pad_text(*_text(2), 40)
+  codes = jax.random.randint(jax.random.PRNGKey(3), (2, G * G), 0, 24)
+  params = {"params": _init(blocks)}
+  loss = lambda m: lambda p: sum(jnp.sum(jnp.sin(x)) for x in m.apply(p, text, codes))
+  run = lambda m: jax.jit(jax.value_and_grad(loss(m)))(params)
+  (v_blocks, g_blocks), (v_dense, g_dense) = run(blocks), run(dense)
+  np.testing.assert_allclose(v_blocks, v_dense, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_blocks), jax.tree.leaves(g_dense)):
+    assert float(jnp.linalg.norm(a - b)) <= 1e-5 * float(jnp.linalg.norm(b)) + 1e-6
+  v16, g16 = run(tiny_dalle(scan=scan, dtype=jnp.bfloat16))
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(g16))
+  np.testing.assert_allclose(v16, v_dense, rtol=0.02)
+
+
+def test_paper_sparse_layouts_score_a_fraction_of_the_keys():
+  """At the paper's 256 text + 32x32 codes each image query scores the text
+  blocks plus a band: row 2 rows, column its column, conv the 6 kernel rows."""
+  lays = dalle.sparse_layouts(256, 32, ("row", "column", "conv"), 11)
+  assert [lay.offsets for lay in lays] == [(0, 1), (0,), (0, 1, 2, 3, 4, 5)]
+  assert [lay.keys_per_query for lay in lays] == [288 + 64, 288 + 32, 288 + 192]  # of 1280
+  m = dalle.DalleTransformer(attention="sparse")  # paper dims: 64 layers
+  assert m.attention_score_entries() < 0.3 * 64 * 1280 ** 2
+
+
 # --- abstract paper-size model ----------------------------------------------------------
 
 def test_paper_preset_shapes_and_shardings():

@@ -13,12 +13,14 @@ Positions: a learned table for text; row + column tables for the image grid.
 Attention is causal. With `attention="sparse"` layer i (1-based) of n uses, as in
 the paper (App. B.1): column attention when (i - 2) % 4 == 0, row attention
 otherwise, and convolutional attention in the last layer. Image queries always
-see every text position. The masks are applied densely (same FLOPs as full
-attention): they reproduce the model's connectivity, not the sparse kernels' speed.
+see every text position. In training the sparse layers are computed block-sparsely
+(`GridSparseLayout`: only the text blocks and a band of recent rows/columns are
+scored, equal to dense masking); KV-cache decoding applies the masks densely.
 
 Shapes: B batch, L text length, N image codes, T = L + N stream length, D width,
 V vocabulary, P number of distinct mask patterns.
 """
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -78,6 +80,97 @@ def attention_masks(text_len, grid_h, grid_w, patterns=PATTERNS, conv_kernel=11)
   return np.stack([causal & (~both | rules[p]) for p in patterns])
 
 
+class GridSparseLayout:
+  """One sparse pattern computed block-sparsely over the training stream.
+
+  The stream is cut into blocks of one grid row: the start + text positions
+  padded to `prefix_blocks` blocks, then the codes row by row (column by column
+  for column attention, so each column is one block). Every image query then
+  needs the text blocks plus a band of recent blocks (row: its row and the one
+  before; column: its own; conv: the kernel's rows up to its own), and text
+  queries only the text: scores are computed for those blocks alone
+  (`layers.banded_block_attention`), e.g. 352 of 1280 keys per query for row
+  attention at the paper's 256 + 32x32 stream. Built from the dense mask and
+  checked to cover exactly its allowed keys, so results equal dense masking.
+  """
+
+  def __init__(self, dense_tt, text_len, grid, transpose):
+    t = dense_tt.shape[0]
+    self.t, self.lead, self.grid, self.transpose = t, text_len + 1, grid, transpose
+    self.bs = grid
+    self.prefix_blocks = -(-self.lead // self.bs)
+    n_codes = t - self.lead
+    text = np.arange(self.prefix_blocks * self.bs)
+    text = np.where(text < self.lead, text, -1).reshape(self.prefix_blocks, self.bs)
+    img = np.arange(grid * grid)
+    img = np.where(img < n_codes, self.lead + img, -1).reshape(grid, grid)
+    img = (img.T if transpose else img).reshape(grid, self.bs)
+    slots = np.concatenate([text, img])  # (Q, bs): stream position of each slot, -1 = pad
+    q_blocks = len(slots)
+    keyed = lambda i, j: dense_tt[np.ix_(np.maximum(slots[i], 0), np.maximum(slots[j], 0))] & \
+        (slots[i][:, None] >= 0) & (slots[j][None, :] >= 0)
+    self.offsets = tuple(sorted({i - j for i in range(self.prefix_blocks, q_blocks)
+                                 for j in range(self.prefix_blocks, i + 1) if keyed(i, j).any()}))
+    masks = []
+    for i in range(q_blocks):
+      parts = [keyed(i, j) for j in range(self.prefix_blocks)]
+      for o in self.offsets:  # band blocks that are text (already above) or absent: off
+        j = i - o
+        parts.append(keyed(i, j) if j >= self.prefix_blocks else np.zeros((self.bs,) * 2, bool))
+      masks.append(np.concatenate(parts, axis=1))
+    self.mask = np.stack(masks)  # (Q, bs, M)
+    covered = self.mask.sum(-1)[slots >= 0]
+    if not np.array_equal(covered, dense_tt.sum(-1)[slots[slots >= 0]]):
+      raise ValueError("sparse pattern does not fit the text-prefix + band block layout")
+    self.keys_per_query = self.mask.shape[-1]
+
+  def _blocks(self, x_bthk):
+    b, _, h, k = x_bthk.shape
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+    text = pad(x_bthk[:, :self.lead], self.prefix_blocks * self.bs)
+    img = pad(x_bthk[:, self.lead:], self.grid * self.grid).reshape(b, self.grid, self.grid, h, k)
+    if self.transpose:
+      img = jnp.swapaxes(img, 1, 2)
+    return jnp.concatenate([text.reshape(b, -1, self.bs, h, k), img], axis=1)  # (B, Q, bs, H, K)
+
+  def _stream(self, x_bqthk):
+    b, _, _, h, k = x_bqthk.shape
+    text = x_bqthk[:, :self.prefix_blocks].reshape(b, -1, h, k)[:, :self.lead]
+    img = x_bqthk[:, self.prefix_blocks:]
+    if self.transpose:
+      img = jnp.swapaxes(img, 1, 2)
+    img = img.reshape(b, -1, h, k)[:, :self.t - self.lead]
+    return jnp.concatenate([text, img], axis=1)
+
+  def attend(self, q_bthk, k_bshk, v_bshk, dtype):
+    out = layers.banded_block_attention(
+        self._blocks(q_bthk), self._blocks(k_bshk), self._blocks(v_bshk), self.prefix_blocks,
+        self.offsets, jnp.asarray(self.mask), dtype)
+    return self._stream(out)
+
+
+@functools.lru_cache(maxsize=8)
+def sparse_layouts(text_len, grid, patterns, conv_kernel):
+  """GridSparseLayout per pattern name for the training stream (cached)."""
+  dense = attention_masks(text_len, grid, grid, patterns, conv_kernel)
+  return tuple(GridSparseLayout(m, text_len, grid, transpose=(p == "column"))
+               for p, m in zip(patterns, dense))
+
+
+class _PatternAttention:
+  """The `mask` a sparse layer passes down: its pattern id picks the layout
+  (lax.switch: the id is traced when layers are scanned)."""
+
+  def __init__(self, layouts, pattern_id):
+    self.layouts, self.pattern_id = layouts, pattern_id
+
+  def attend(self, q_bthk, k_bshk, v_bshk, dtype):
+    fns = [functools.partial(lay.attend, dtype=dtype) for lay in self.layouts]
+    if len(fns) == 1:
+      return fns[0](q_bthk, k_bshk, v_bshk)
+    return jax.lax.switch(self.pattern_id, fns, q_bthk, k_bshk, v_bshk)
+
+
 def pad_text(ids, mask, text_vocab_size):
   """Replaces padding (mask False) with position-specific pad ids V + i."""
   ids = jnp.asarray(ids)
@@ -99,10 +192,14 @@ class SparseBlock(nn.Module):
   decode: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  sparse_layouts: Any = None  # GridSparseLayout per pattern id: block-sparse training
 
   @nn.compact
   def __call__(self, x_btd, mask_table, pattern_id):
-    mask = None if mask_table is None else mask_table[pattern_id]
+    if self.sparse_layouts is not None:
+      mask = _PatternAttention(self.sparse_layouts, pattern_id)
+    else:
+      mask = None if mask_table is None else mask_table[pattern_id]
     block = layers.PreLNBlock(
         self.num_heads, self.head_dim, self.mlp_dim, activation=self.activation,
         use_bias=self.use_bias, decode=self.decode, dtype=self.dtype,
@@ -127,6 +224,7 @@ class DalleTransformer(nn.Module):
   remat: str = "none"
   scan: bool = False
   decode: bool = False
+  sparse_blocks: bool = True  # sparse training attention block-sparse (False: dense masks)
 
   @property
   def num_codes(self):
@@ -135,6 +233,18 @@ class DalleTransformer(nn.Module):
   @property
   def seq_len(self):
     return self.text_len + self.num_codes
+
+  def attention_score_entries(self):
+    """Attention scores computed per training example, summed over layers (the
+    block-sparse layers count only their blocks): for the FLOP estimate."""
+    t = self.seq_len
+    if self.attention != "sparse" or not self.sparse_blocks:
+      return self.num_layers * t * t
+    pats = layer_patterns(self.num_layers, self.attention)
+    patterns = tuple(p for p in PATTERNS if p in pats)
+    size = {p: lay.mask.size for p, lay in zip(patterns, sparse_layouts(
+        self.text_len, self.image_grid, patterns, self.conv_kernel))}
+    return sum(size[p] for p in pats)
 
   def setup(self):
     d = self.d_model
@@ -154,11 +264,15 @@ class DalleTransformer(nn.Module):
     pats = layer_patterns(self.num_layers, self.attention)
     self._patterns = tuple(p for p in PATTERNS if p in pats)
     self._pattern_ids = np.array([self._patterns.index(p) for p in pats], np.int32)
+    self._sparse_layouts = None
+    if self.attention == "sparse" and self.sparse_blocks and not self.decode:
+      self._sparse_layouts = sparse_layouts(self.text_len, self.image_grid, self._patterns,
+                                            self.conv_kernel)
     self.stack = layers.Stack(
         SparseBlock,
         dict(num_heads=self.num_heads, head_dim=d // self.num_heads,
              mlp_dim=self.mlp_dim or 4 * d, decode=self.decode, dtype=self.dtype,
-             param_dtype=self.param_dtype),
+             param_dtype=self.param_dtype, sparse_layouts=self._sparse_layouts),
         num_layers=self.num_layers, remat=self.remat, scan=self.scan, name="layers")
     self.final_ln = layers.LayerNorm("final_ln", param_dtype=self.param_dtype)
     head = lambda n, name: layers.Dense(n, ("embed", "vocab"), name=name, use_bias=False,
@@ -187,7 +301,7 @@ class DalleTransformer(nn.Module):
     t = x_btd.shape[1]
     x_btd = layers.constrain(x_btd, ("batch", "length", "embed"))
     table = None
-    if use_mask:
+    if use_mask and self._sparse_layouts is None:
       full = jnp.asarray(attention_masks(self.text_len, self.image_grid, self.image_grid,
                                          self._patterns, self.conv_kernel))
       table = jax.lax.dynamic_slice_in_dim(full, first_pos, t, axis=1)  # (P, t, T)
@@ -236,7 +350,7 @@ def from_config(model_cfg, *, decode=False, dtype=None, param_dtype=None, remat=
       image_vocab_size=m.image_vocab_size, image_grid=m.image_grid,
       num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
       mlp_dim=m.get("mlp_dim", 0), attention=m.get("attention", "full"),
-      conv_kernel=m.get("conv_kernel", 11),
+      conv_kernel=m.get("conv_kernel", 11), sparse_blocks=m.get("sparse_blocks", True),
       dtype=layers.dtype_from_name(dtype or "bfloat16"),
       param_dtype=layers.dtype_from_name(param_dtype or "float32"),
       remat=remat or "none", scan=bool(scan), decode=decode)

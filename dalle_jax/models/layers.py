@@ -278,6 +278,47 @@ def _attention_core_bwd(dtype, res, g_bthk):
 _attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
+def _shift_blocks(x_bq, offset):
+  """x[:, i - offset] at block i (zeros where i < offset): (B, Q, ...) -> same."""
+  if offset == 0:
+    return x_bq
+  pad = jnp.zeros(x_bq.shape[:1] + (offset,) + x_bq.shape[2:], x_bq.dtype)
+  return jnp.concatenate([pad, x_bq[:, :-offset]], axis=1)
+
+
+def banded_block_attention(q_bqthk, k_bqshk, v_bqshk, prefix_blocks, offsets, mask_qtm, dtype):
+  """Block-sparse attention over a blocked stream, without gathers.
+
+  The stream is cut into Q blocks of `bs` positions. Query block i attends to
+  the first `prefix_blocks` key blocks (shared by every query: e.g. the text)
+  and to key blocks i - o for o in `offsets` (a band: e.g. the previous row),
+  so scores are computed for (prefix_blocks + len(offsets)) x bs keys per query
+  instead of the whole stream; the bands are static shifts, so the backward
+  pass needs no scatter.
+  q, k, v: (B, Q, bs, H, K); mask_qtm: (Q, bs, M) bool with M = (prefix_blocks
+  + len(offsets)) * bs, True = may attend, covering each allowed key exactly
+  once. Returns (B, Q, bs, H, K).
+  """
+  scale = jnp.asarray(q_bqthk.shape[-1] ** -0.5, q_bqthk.dtype)
+  q_bqthk = q_bqthk * scale
+  kp_bpshk, vp_bpshk = k_bqshk[:, :prefix_blocks], v_bqshk[:, :prefix_blocks]
+  band = lambda x: jnp.stack([_shift_blocks(x, o) for o in offsets], axis=2)  # (B, Q, O, bs, H, K)
+  kb_bqoshk, vb_bqoshk = band(k_bqshk), band(v_bqshk)
+  lp_bhqtps = mixed_einsum("bqthk,bpshk->bhqtps", q_bqthk, kp_bpshk, dtype, jnp.float32)
+  lb_bhqtos = mixed_einsum("bqthk,bqoshk->bhqtos", q_bqthk, kb_bqoshk, dtype, jnp.float32)
+  b, h, nq, bs = lp_bhqtps.shape[:4]
+  logits_bhqtm = jnp.concatenate([lp_bhqtps.reshape(b, h, nq, bs, -1),
+                                  lb_bhqtos.reshape(b, h, nq, bs, -1)], axis=-1)
+  logits_bhqtm = jnp.where(mask_qtm, logits_bhqtm, NEG_INF)
+  probs_bhqtm = jax.nn.softmax(logits_bhqtm, axis=-1)
+  n_prefix = prefix_blocks * bs
+  pp = probs_bhqtm[..., :n_prefix].reshape(lp_bhqtps.shape)
+  pb = probs_bhqtm[..., n_prefix:].reshape(lb_bhqtos.shape)
+  out_f32 = (mixed_einsum("bhqtps,bpshk->bqthk", pp, vp_bpshk, dtype, jnp.float32) +
+             mixed_einsum("bhqtos,bqoshk->bqthk", pb, vb_bqoshk, dtype, jnp.float32))
+  return out_f32.astype(dtype)
+
+
 def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
   """softmax(q k^T / sqrt(K)) v per head -> (B, T, H, K); logits, softmax in f32.
 
@@ -287,10 +328,13 @@ def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
   and layer). Training keeps "bshk": its backward contractions are the forms
   XLA:CPU runs fast in bf16 (some mixed-layout ones have no bf16 -> f32 kernel),
   and its hand-written backward pass keeps the probabilities in `dtype`.
-  mask: bool broadcastable to (B, H, T, S), True = may attend, or None.
+  mask: bool broadcastable to (B, H, T, S), True = may attend, or None; or an
+  object with `attend(q, k, v, dtype)` (a block-sparse pattern, training layout).
   """
   if kv_layout not in ("bshk", "bhsk"):
     raise ValueError(f"kv_layout={kv_layout!r}: expected 'bshk' or 'bhsk'")
+  if hasattr(mask, "attend"):  # a structured sparse pattern computes only its blocks
+    return mask.attend(q_bthk, k, v, jnp.dtype(dtype))
   q_bthk = q_bthk * jnp.asarray(q_bthk.shape[-1] ** -0.5, q_bthk.dtype)
   if kv_layout == "bshk":
     return _attention_core(q_bthk, k, v, mask, jnp.dtype(dtype))

@@ -251,7 +251,8 @@ class DalleTask(base.Task):
     return self.text_len + self.num_codes
 
   def flops_per_example(self):
-    """6 N T for the matmuls (non-embedding params) + 12 L T^2 D for attention (dense).
+    """6 N T for the matmuls (non-embedding params) + 12 D x the attention scores
+    computed (L T^2 dense; block-sparse layers count their blocks).
 
     The dalle layout's two output heads each see only their own tokens.
     """
@@ -264,7 +265,7 @@ class DalleTask(base.Task):
       text_head, image_head = heads.get("text_head", 0), heads.get("image_head", 0)
       body = n - text_head - image_head
       heads_flops = 6 * text_head * self.text_len + 6 * image_head * self.num_codes
-      return 6 * body * t + heads_flops + 12 * layers * t * t * d
+      return 6 * body * t + heads_flops + 12 * self.model.attention_score_entries() * d
     lt, li = self.text_len, self.num_codes
     # the encoder's params see lt tokens, the decoder's li; split N roughly in half
     matmul = 6 * (n / 2) * lt + 6 * (n / 2) * li
