@@ -14,13 +14,14 @@ workdir's config.json records which VQGAN produced its codes.
 
 Presets:
   shapes  4 layers, d 192, 16 text + 8x8 codes (VQGAN shapes preset, 128 codes), bf16;
-          2500 steps, 8.5-9.5 minutes on a 2-core CPU: image_loss falls from
+          2500 steps, 7-9.5 minutes on a 2-core CPU: image_loss falls from
           ln(128)=4.85 to ~0.7. Measured on the demo prompts (24 kept samples): colour
-          and background followed 100%, shape 67% (2000 steps in f32: 46%; 3000 steps:
+          and background followed 100%, shape 67-71% (2000 steps in f32: 46%; 3000 steps:
           69-73%). Raise --config.total_steps for cleaner shapes.
   small   12 layers, d 768, 64 text + 16x16 codes (f16_16384 VQGAN), full attention.
   paper   DALL·E's 12B layout: 64 layers, d 3968, 62 heads, 256 BPE text + 32x32
-          codes (8192), row/column/conv sparse masks, bf16, scan + remat, FSDP.
+          codes (8192), row/column/conv sparse attention (block-sparse in training:
+          each query scores 320-480 of the 1280 keys), bf16, scan + remat, FSDP.
 """
 import ml_collections
 
