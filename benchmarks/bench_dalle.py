@@ -7,7 +7,9 @@ Prints:
      (DALL·E layout, 16x16 codes, --dtype compute), and their ratio;
   2. time per batch for 256 -> 1024 codes with the cache, the two sizes timed in
      alternation (target: 1024-code time / 256-code time <= 4.5; the cache grows
-     in blocks, so attention reads grow with the filled part only);
+     in blocks, so attention reads grow with the filled part only), the decode
+     step's cost split into a fixed part and one per cached position, and the
+     same for the paper's sparse attention (keys gathered vs dense masks);
   3. ours vs min-dalle (PyTorch, CPU) at identical small DALL·E mini dimensions,
      batch and guidance (the reference loop re-run token by token in Python; its
      first --ref_tokens tokens timed in 32-token chunks, the median chunk x 8 taken
@@ -46,18 +48,18 @@ def _timed(fn, repeats=3):
   return common.timeit(fn, warmup=1, reps=repeats, stat=min)
 
 
-def _dalle(args, grid):
+def _dalle(args, grid, **model_kw):
   model = dalle.DalleTransformer(
       text_vocab_size=1000, text_len=args.text_len, image_vocab_size=8192, image_grid=grid,
       num_layers=args.layers, d_model=args.d_model, num_heads=args.heads,
-      dtype=layers.dtype_from_name(args.dtype))
+      dtype=layers.dtype_from_name(args.dtype), **model_kw)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, args.text_len), jnp.int32),
                                jnp.zeros((1, grid * grid), jnp.int32))["params"]
   return decode.DalleDecoder(model), jax.tree.map(lambda x: getattr(x, "value", x), params)
 
 
-def _sampler(args, grid):
-  dec, params = _dalle(args, grid)
+def _sampler(args, grid, **model_kw):
+  dec, params = _dalle(args, grid, **model_kw)
   text = np.random.RandomState(0).randint(0, 1000, (args.batch, args.text_len)).astype(np.int32)
   mask = np.ones_like(text, bool)
   sp = decode.SamplingParams(top_k=64)
@@ -80,26 +82,43 @@ def bench_cache(args):
                     fmt=lambda v: f"{v:9.1f} image tok/s", lower_is_better=False)
 
 
-def bench_growth(args):
-  """256 vs 1024 codes, timed in alternation (min of --reps each): on a shared
-  host, slow phases then hit both sizes alike instead of skewing the ratio."""
-  runs = {g: _sampler(args, g)[-1] for g in (16, 32)}
-  times = {g: [] for g in runs}
-  for g, run in runs.items():
-    common.block(run())  # compile (one loop per cache size)
-  for _ in range(args.reps):
-    for g, run in runs.items():
+def _interleaved(runs, reps):
+  """min seconds per run, the runs timed in alternation after one compiling call
+  each: on a shared host slow phases then hit all of them alike."""
+  times = {k: [] for k in runs}
+  for run in runs.values():
+    common.block(run())
+  for _ in range(reps):
+    for k, run in runs.items():
       t = time.perf_counter()
       common.block(run())
-      times[g].append(time.perf_counter() - t)
-  t256, t1024 = min(times[16]), min(times[32])
-  ratio = t1024 / t256
-  print(f"[2] 256 codes: {t256:.2f}s, 1024 codes: {t1024:.2f}s per batch of {args.batch}"
+      times[k].append(time.perf_counter() - t)
+  return {k: min(v) for k, v in times.items()}
+
+
+def bench_growth(args):
+  """256 vs 1024 codes (min of --reps each, interleaved), full attention; then the
+  paper's sparse attention, its decode steps gathering each layer's keys from
+  the cache vs applying the masks to the whole cache."""
+  t = _interleaved({g: _sampler(args, g)[-1] for g in (16, 32)}, args.reps)
+  ratio = t[32] / t[16]
+  print(f"[2] 256 codes: {t[16]:.2f}s, 1024 codes: {t[32]:.2f}s per batch of {args.batch}"
         f" (min of {args.reps}) -> time ratio x{ratio:.2f} for x4 tokens", flush=True)
   common.ratio_line("[2] 1024/256-code time ratio vs the <=4.5 target", ratio, 4.5,
                     ours_label="ratio", theirs_label="target", fmt=lambda v: f"{v:.2f}",
                     extra="(met)" if ratio <= 4.5 else "(NOT met)")
   _growth_model(args)
+  t = _interleaved({(g, blocks): _sampler(args, g, attention="sparse", sparse_blocks=blocks)[-1]
+                    for g in (16, 32) for blocks in (True, False)}, args.reps)
+  sparse_ratio = t[(32, True)] / t[(16, True)]
+  common.ratio_line("[2] sparse attention (row/column/conv layers), 1024 codes, keys gathered "
+                    "from the cache vs dense masks", t[(32, True)], t[(32, False)],
+                    ours_label="gathered", theirs_label="dense masks")
+  common.ratio_line("[2] sparse attention, 1024/256-code time ratio vs the <=4.5 target",
+                    sparse_ratio, 4.5, ours_label="ratio", theirs_label="target",
+                    fmt=lambda v: f"{v:.2f}", extra=("(met)" if sparse_ratio <= 4.5 else
+                                                     "(NOT met)") + f"; dense masks: "
+                    f"{t[(32, False)] / t[(16, False)]:.2f}")
 
 
 def _step_ms(dec, params, text, mask, sp, length, steps, reps):

@@ -153,9 +153,12 @@ def test_mini_and_mega_presets_match_min_dalle():
 
 # --- KV cache == full forward ------------------------------------------------------------
 
-@pytest.mark.parametrize("make", [tiny_dalle, lambda: tiny_dalle(attention="full", scan=True),
-                                  tiny_mini])
+@pytest.mark.parametrize("make", [tiny_dalle, lambda: tiny_dalle(scan=True),
+                                  lambda: tiny_dalle(attention="full", scan=True), tiny_mini])
 def test_kv_cache_decode_equals_full_forward(make):
+  """Step-by-step decoding equals teacher forcing: sparse layers (block-sparse in
+  training, keys gathered from the cache when decoding; scanned: lax.switch and a
+  per-pattern key table), full attention, and the encoder-decoder."""
   model = make()
   params = _init(model)
   dec = (decode.DalleDecoder if isinstance(model, dalle.DalleTransformer)

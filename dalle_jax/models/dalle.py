@@ -15,7 +15,8 @@ the paper (App. B.1): column attention when (i - 2) % 4 == 0, row attention
 otherwise, and convolutional attention in the last layer. Image queries always
 see every text position. In training the sparse layers are computed block-sparsely
 (`GridSparseLayout`: only the text blocks and a band of recent rows/columns are
-scored, equal to dense masking); KV-cache decoding applies the masks densely.
+scored, equal to dense masking); a KV-cache decoding step gathers just the text
+and the pattern's image keys from the cache (`CacheKeys`).
 
 Shapes: B batch, L text length, N image codes, T = L + N stream length, D width,
 V vocabulary, P number of distinct mask patterns.
@@ -23,6 +24,7 @@ V vocabulary, P number of distinct mask patterns.
 import functools
 from typing import Any
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -157,6 +159,38 @@ def sparse_layouts(text_len, grid, patterns, conv_kernel):
                for p, m in zip(patterns, dense))
 
 
+@functools.lru_cache(maxsize=8)
+def decode_key_tables(text_len, grid, patterns, conv_kernel):
+  """For KV-cache decoding of sparse layers: the image keys each stream position
+  may see, per pattern, padded to one width. (idx (P, T, J) int32, valid (P, T, J)
+  bool); the start + text positions (seen by every image query) are not listed."""
+  dense = attention_masks(text_len, grid, grid, patterns, conv_kernel)
+  lead = text_len + 1
+  keys = [[np.nonzero(m[q, lead:])[0] + lead for q in range(m.shape[0])] for m in dense]
+  width = max(len(k) for per in keys for k in per)
+  idx = np.zeros(dense.shape[:2] + (width,), np.int32)
+  valid = np.zeros(dense.shape[:2] + (width,), bool)
+  for p, per in enumerate(keys):
+    for q, k in enumerate(per):
+      idx[p, q, :len(k)], valid[p, q, :len(k)] = k, True
+  return idx, valid
+
+
+@struct.dataclass
+class CacheKeys:
+  """A sparse layer's keys for one decode step: the text prefix plus `idx`
+  (valid where `valid`) gathered from the cache, so the step reads those
+  positions only instead of the whole cache."""
+  idx: jax.Array  # (J,) int32 cache positions
+  valid: jax.Array  # (J,) bool
+  lead: int = struct.field(pytree_node=False)  # start + text positions
+
+  def select_keys(self, k_bhsk, v_bhsk):
+    pick = lambda x: jnp.concatenate([x[:, :, :self.lead], jnp.take(x, self.idx, axis=2)], axis=2)
+    mask = jnp.concatenate([jnp.ones((self.lead,), bool), self.valid])
+    return pick(k_bhsk), pick(v_bhsk), mask[None, None, None, :]
+
+
 class _PatternAttention:
   """The `mask` a sparse layer passes down: its pattern id picks the layout
   (lax.switch: the id is traced when layers are scanned)."""
@@ -198,8 +232,8 @@ class SparseBlock(nn.Module):
   def __call__(self, x_btd, mask_table, pattern_id):
     if self.sparse_layouts is not None:
       mask = _PatternAttention(self.sparse_layouts, pattern_id)
-    else:
-      mask = None if mask_table is None else mask_table[pattern_id]
+    else:  # a dense (P, T, S) table, or CacheKeys with a leading P axis
+      mask = None if mask_table is None else jax.tree.map(lambda a: a[pattern_id], mask_table)
     block = layers.PreLNBlock(
         self.num_heads, self.head_dim, self.mlp_dim, activation=self.activation,
         use_bias=self.use_bias, decode=self.decode, dtype=self.dtype,
@@ -224,7 +258,9 @@ class DalleTransformer(nn.Module):
   remat: str = "none"
   scan: bool = False
   decode: bool = False
-  sparse_blocks: bool = True  # sparse training attention block-sparse (False: dense masks)
+  # sparse layers: block-sparse in training, keys gathered from the cache when
+  # decoding (False: dense masks everywhere; same results, full-attention cost)
+  sparse_blocks: bool = True
 
   @property
   def num_codes(self):
@@ -301,7 +337,12 @@ class DalleTransformer(nn.Module):
     t = x_btd.shape[1]
     x_btd = layers.constrain(x_btd, ("batch", "length", "embed"))
     table = None
-    if use_mask and self._sparse_layouts is None:
+    if use_mask and self.decode and t == 1 and self.attention == "sparse" and self.sparse_blocks:
+      idx, valid = decode_key_tables(self.text_len, self.image_grid, self._patterns,
+                                     self.conv_kernel)
+      row = lambda a: jax.lax.dynamic_index_in_dim(jnp.asarray(a), first_pos, 1, keepdims=False)
+      table = CacheKeys(row(idx), row(valid), self.text_len + 1)  # leaves (P, J)
+    elif use_mask and self._sparse_layouts is None:
       full = jnp.asarray(attention_masks(self.text_len, self.image_grid, self.image_grid,
                                          self._patterns, self.conv_kernel))
       table = jax.lax.dynamic_slice_in_dim(full, first_pos, t, axis=1)  # (P, t, T)

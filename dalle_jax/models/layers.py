@@ -383,7 +383,9 @@ class Attention(nn.Module):
       heads_major = lambda x: constrain(jnp.swapaxes(x, 1, 2), ("batch", "heads", "length", "kv"))
       k, v, cache_mask = self._update_cache(heads_major(k_bshk), heads_major(v_bshk))
       kv_layout = "bhsk"
-      if cache_mask is not None:
+      if hasattr(mask, "select_keys"):  # a sparse pattern's keys gathered from the cache
+        k, v, mask = mask.select_keys(k, v)
+      elif cache_mask is not None:
         if mask is not None:  # a pattern over the whole stream; the cache may hold less
           mask = jnp.logical_and(mask[..., :cache_mask.shape[-1]], cache_mask)
         else:
