@@ -8,7 +8,10 @@ Autoregressive (DALL·E / DALL·E mini), the default `--method ar`:
 Writes the grid PNG (one row per prompt) and the individual images plus
 samples.json in a folder beside it (OUT without its extension).
 Options: --top_k, --top_p, --temperature, --guidance_scale, --vqgan (override the
-VQGAN recorded in the model's config), --unconditional, --batch_size.
+VQGAN recorded in the model's config), --unconditional, --batch_size, --mesh
+DATA,FSDP,TENSOR (sharded; on several hosts add --coordinator_address,
+--num_processes, --process_id). Compiled programs are cached in
+DALLE_JAX_CACHE_DIR (default ~/.cache/dalle_jax/xla; empty = off).
 
 VQGAN+CLIP (optimises a VQGAN latent grid towards the prompt under CLIP):
   python sample.py --method vqgan_clip --vqgan demo/vqgan --clip demo/clip \

@@ -52,6 +52,13 @@ def layer_patterns(num_layers, attention="full"):
   return pats
 
 
+def pattern_table(num_layers, attention="full"):
+  """(the distinct patterns in PATTERNS order, each layer's index into them)."""
+  pats = layer_patterns(num_layers, attention)
+  patterns = tuple(p for p in PATTERNS if p in pats)
+  return patterns, np.array([patterns.index(p) for p in pats], np.int32)
+
+
 def attention_masks(text_len, grid_h, grid_w, patterns=PATTERNS, conv_kernel=11):
   """(P, T, T) bool numpy masks over the stream, True = query may attend key.
 
@@ -124,7 +131,10 @@ class GridSparseLayout:
     covered = self.mask.sum(-1)[slots >= 0]
     if not np.array_equal(covered, dense_tt.sum(-1)[slots[slots >= 0]]):
       raise ValueError("sparse pattern does not fit the text-prefix + band block layout")
-    self.keys_per_query = self.mask.shape[-1]
+
+  @property
+  def keys_per_query(self):
+    return self.mask.shape[-1]
 
   def _blocks(self, x_bthk):
     b, _, h, k = x_bthk.shape
@@ -213,10 +223,12 @@ def pad_text(ids, mask, text_vocab_size):
 
 
 class SparseBlock(nn.Module):
-  """A PreLNBlock that picks its own mask from a shared table by pattern id.
+  """A PreLNBlock that picks its own attention pattern by pattern id.
 
-  (x, mask_table (P, T, S) | None, pattern_id ()) -> (x, None): scan-friendly,
-  each layer receives only an int, the table is broadcast.
+  (x, mask_table, pattern_id ()) -> (x, None): scan-friendly, each layer receives
+  only an int, the table is broadcast. mask_table: dense (P, T, S) masks,
+  CacheKeys with a leading P axis (sparse decode steps), or None; with
+  `sparse_layouts` (block-sparse training) the id picks a GridSparseLayout.
   """
   num_heads: int
   head_dim: int
@@ -276,11 +288,9 @@ class DalleTransformer(nn.Module):
     t = self.seq_len
     if self.attention != "sparse" or not self.sparse_blocks:
       return self.num_layers * t * t
-    pats = layer_patterns(self.num_layers, self.attention)
-    patterns = tuple(p for p in PATTERNS if p in pats)
-    size = {p: lay.mask.size for p, lay in zip(patterns, sparse_layouts(
-        self.text_len, self.image_grid, patterns, self.conv_kernel))}
-    return sum(size[p] for p in pats)
+    patterns, ids = pattern_table(self.num_layers, self.attention)
+    layouts = sparse_layouts(self.text_len, self.image_grid, patterns, self.conv_kernel)
+    return sum(layouts[i].mask.size for i in ids)
 
   def setup(self):
     d = self.d_model
@@ -297,9 +307,7 @@ class DalleTransformer(nn.Module):
     self.text_pos = table("text_pos", self.text_len)
     self.row_pos = table("row_pos", self.image_grid)
     self.col_pos = table("col_pos", self.image_grid)
-    pats = layer_patterns(self.num_layers, self.attention)
-    self._patterns = tuple(p for p in PATTERNS if p in pats)
-    self._pattern_ids = np.array([self._patterns.index(p) for p in pats], np.int32)
+    self._patterns, self._pattern_ids = pattern_table(self.num_layers, self.attention)
     self._sparse_layouts = None
     if self.attention == "sparse" and self.sparse_blocks and not self.decode:
       self._sparse_layouts = sparse_layouts(self.text_len, self.image_grid, self._patterns,

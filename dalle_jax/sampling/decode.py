@@ -388,12 +388,13 @@ def generate(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingP
     keeps one fixed-size cache. The codes do not depend on it.
   kv_dtype: the self-attention cache's dtype; "auto" = `default_kv_dtype()`,
     None = the model's compute dtype.
-  mesh, rules: sharded sampling (one process): parameters placed by their
-    logical names (`Decoder.shard_params`; already placed ones are kept), the
-    rows split over the mesh's batch axes when they divide, and the KV cache
-    sharded like the activations (rows, heads), so a model too large for one
-    device samples across several. The codes equal single-device sampling up
-    to floating-point summation order.
+  mesh, rules: sharded sampling: parameters placed by their logical names
+    (`Decoder.shard_params`; already placed ones are kept), the rows split over
+    the mesh's batch axes when they divide, and the KV cache sharded like the
+    activations (rows, heads), so a model too large for one device samples
+    across several. Multi-process: every process passes the same rows and gets
+    the global codes array. The codes equal single-device sampling up to
+    floating-point summation order.
   """
   if mesh is None:
     return _generate(decoder, params, text, mask, rng=rng, sp=sp, uncond_text=uncond_text,
