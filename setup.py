@@ -1,10 +1,10 @@
-"""dalle_jax: DALL·E, DALL·E mini, CLIP (and later diffusion) in JAX/Flax, at pod scale."""
+"""dalle_jax: DALL·E, DALL·E mini, CLIP and the diffusion family in JAX/Flax, at pod scale."""
 from setuptools import find_packages, setup
 
 setup(
     name="dalle_jax",
     version="0.1.0",
-    description="Text-to-image models (VQGAN, DALL·E, DALL·E mini, CLIP) in JAX/Flax",
+    description="Text-to-image models (VQGAN, DALL·E, DALL·E mini, CLIP, diffusion) in JAX/Flax",
     packages=find_packages(include=["dalle_jax", "dalle_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=[
@@ -14,7 +14,6 @@ setup(
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
         "absl-py>=2.0",
-        "einops>=0.8",
         "numpy>=1.26",
         "pillow>=10.0",
         "tqdm>=4.66",
@@ -25,12 +24,14 @@ setup(
         "array-record>=0.5",
         "grain>=0.2.10",
         "tensorboardX>=2.6",
-        "scikit-image>=0.22",
-        "importlib_resources>=6.0",
+        "scipy>=1.11",
+        "etils[epath]>=1.5",
+        "emoji>=2.0",
         "msgpack>=1.0",
     ],
     extras_require={
         # Reference packages for the parity tests and benchmarks (CPU torch).
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "min-dalle==0.4.11"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "min-dalle==0.4.11",
+                 "diffusers==0.42.1"],
     },
 )
