@@ -207,6 +207,7 @@ class ImageTextFolder(tfds.core.GeneratorBasedBuilder):
   """A folder of captioned images (see module docstring)."""
 
   VERSION = tfds.core.Version("1.0.0")
+  code_path = None  # nothing downloaded: no checksums file (see shapes.Shapes)
 
   def _info(self):
     return tfds.core.DatasetInfo(
