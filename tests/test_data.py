@@ -190,14 +190,81 @@ def test_random_crop_and_preprocess(shapes_dir):
   assert b["num_words"].tolist() == [len(c.split()) for c in b["caption"]]
 
 
-def test_iterator_speed(shapes_dir):
-  it = pipeline.make_iterator(data_cfg(shapes_dir), "train", 64, seed=0, process_index=0,
+def test_uint8_batches_are_the_stored_pixels(shapes_dir):
+  # No shuffle, stored size == image_size: batch k holds examples [8k, 8k+8) unresized.
+  cfg = data_cfg(shapes_dir, shuffle=False, image_dtype="uint8")
+  u8 = take(pipeline.make_iterator(cfg, "train", 8, seed=0, process_index=0, process_count=1), 2)
+  f32 = take(pipeline.make_iterator(data_cfg(shapes_dir, shuffle=False), "train", 8, seed=0,
+                                    process_index=0, process_count=1), 2)
+  src = pipeline.load_source(cfg, "train")
+  for k, (a, b) in enumerate(zip(u8, f32)):
+    assert a["image"].dtype == np.uint8 and b["image"].dtype == np.float32
+    stored = np.stack([img_lib.decode(src[i]["image"]) for i in range(8 * k, 8 * k + 8)])
+    np.testing.assert_array_equal(a["image"], stored)
+    np.testing.assert_allclose(b["image"], stored / 127.5 - 1.0, atol=1e-6)
+    assert list(a["caption"]) == list(b["caption"])
+
+
+def test_normalize_images_on_host_and_in_jit(shapes_dir):
+  import jax
+  cfg = data_cfg(shapes_dir, image_size=24, random_crop=True)
+  f32 = next(pipeline.make_iterator(cfg, "train", 8, seed=4, process_index=0, process_count=1))
+  cfg.image_dtype = "uint8"
+  u8 = next(pipeline.make_iterator(cfg, "train", 8, seed=4, process_index=0, process_count=1))
+  np.testing.assert_array_equal(pipeline.normalize_images(u8["image"]), f32["image"])
+  on_device = jax.jit(pipeline.normalize_images)(u8["image"])
+  assert on_device.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(on_device), f32["image"], atol=1e-6)
+  ends = pipeline.normalize_images(np.array([0, 255], np.uint8))
+  np.testing.assert_array_equal(ends, [-1.0, 1.0])
+  assert pipeline.normalize_images(f32["image"]) is f32["image"]  # already normalised
+
+
+def test_uint8_preprocess_sees_bytes_and_must_keep_them(shapes_dir):
+  seen = []
+
+  def keep(ex):
+    seen.append(ex["image"].dtype)
+    return ex
+
+  cfg = data_cfg(shapes_dir, image_dtype="uint8")
+  b = next(pipeline.make_iterator(cfg, "train", 4, seed=0, preprocess=keep, process_index=0,
+                                  process_count=1))
+  assert b["image"].dtype == np.uint8 and set(seen) == {np.dtype(np.uint8)}
+
+  def cast(ex):  # what a task written for float batches does
+    ex["image"] = np.asarray(ex["image"], np.float32)
+    return ex
+
+  it = pipeline.make_iterator(cfg, "train", 4, seed=0, preprocess=cast, process_index=0,
                               process_count=1)
-  next(it)
-  start = time.perf_counter()
-  take(it, 10)
-  per_batch = (time.perf_counter() - start) / 10
-  assert per_batch < 0.25, f"{per_batch * 1e3:.0f} ms per batch of 64"  # ~10 ms unloaded
+  with pytest.raises(ValueError, match="image_dtype='uint8' but `preprocess` returned float32"):
+    next(it)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("image_dtype", "int8", r"data.image_dtype='int8'; valid: float32\|uint8"),
+    ("read_threads", 0, r"data.read_threads=0; must be an integer >= 1"),
+    ("prefetch", 1.5, r"data.prefetch=1.5; must be an integer >= 1"),
+    ("num_workers", -1, r"data.num_workers=-1; must be an integer >= 0"),
+])
+def test_bad_throughput_keys_are_named_before_reading(tmp_path, key, value, match):
+  # The dataset is not built: a check made after opening it would raise FileNotFoundError.
+  cfg = data_cfg(tmp_path, dataset="image_text_folder/none")
+  cfg[key] = value
+  with pytest.raises(ValueError, match=match):
+    pipeline.make_iterator(cfg, "train", 4, seed=0, process_index=0, process_count=1)
+
+
+def test_read_threads_and_prefetch_keep_the_order(shapes_dir):
+  def ids(**kw):
+    it = pipeline.make_iterator(data_cfg(shapes_dir, **kw), "train", 12, seed=6,
+                                process_index=0, process_count=1)
+    return [image_ids(b) for b in take(it, 7)]  # crosses an epoch boundary
+
+  one = ids(read_threads=1, prefetch=1)
+  many = ids(read_threads=3, prefetch=5)
+  assert many == one and len(set(sum(one[:5], []))) == 60
 
 
 def test_missing_datasets_are_clear_errors(tmp_path):
@@ -333,14 +400,79 @@ def test_records_reject_bad_examples(tmp_path):
   assert not os.listdir(tmp_path)  # nothing half-written
 
 
-def test_worker_processes_give_the_same_batches(shapes_dir):
-  cfg = data_cfg(shapes_dir)
-  ref = take(pipeline.make_iterator(cfg, "train", 8, seed=2, process_index=0, process_count=1), 3)
-  cfg.num_workers = 1
-  it = pipeline.make_iterator(cfg, "train", 8, seed=2, process_index=0, process_count=1)
+def test_worker_processes_give_the_same_batches_and_resume(shapes_dir):
+  cfg = data_cfg(shapes_dir, random_crop=True, image_size=28)
+  make = lambda: pipeline.make_iterator(cfg, "train", 8, seed=2, process_index=0,
+                                        process_count=1)
+  it = make()
+  take(it, 2)
+  state = json.loads(json.dumps(it.get_state()))  # the checkpoint at step 2
+  ref = take(it, 4)
+  cfg.num_workers, cfg.read_threads = 2, 2
+  resumed = make()  # started once (worker start-up is the slow part)
   try:
-    for a, b in zip(ref, take(it, 3)):
+    resumed.set_state(state)
+    for a, b in zip(ref, take(resumed, 4)):  # two workers take turns
       np.testing.assert_array_equal(a["image"], b["image"])
       assert list(a["caption"]) == list(b["caption"])
+    assert resumed.get_state()["position"] == 6 * 8
   finally:
-    it.close()
+    resumed.close()
+
+
+# ------------------------------------------------------------------ device prefetch
+
+def _mesh():
+  from dalle_jax import parallel
+  return parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+
+
+def test_device_prefetch_places_batches_and_checkpoints_what_was_used(shapes_dir):
+  from dalle_jax import parallel
+  mesh = _mesh()
+  cfg = data_cfg(shapes_dir, image_dtype="uint8")
+  make = lambda: pipeline.make_iterator(cfg, "train", 16, seed=1, process_index=0,
+                                        process_count=1)
+  ref = take(make(), 4)
+  it = pipeline.prefetch_to_device(make(), mesh, size=2)
+  first = take(it, 2)
+  for a, b in zip(first, ref):
+    assert sorted(a) == ["background", "color", "image", "shape"]  # captions stay on the host
+    assert a["image"].dtype == np.uint8
+    assert a["image"].sharding == parallel.batch_sharding(mesh, 4)
+    for k in a:
+      np.testing.assert_array_equal(np.asarray(a[k]), b[k])
+  deadline = time.monotonic() + 30
+  while it.iterator.position < 4 * 16 and time.monotonic() < deadline:
+    time.sleep(0.01)  # let the thread fill its buffer
+  assert it.iterator.position == 4 * 16  # read ahead ...
+  state = it.get_state()
+  assert state["position"] == 2 * 16  # ... but the checkpoint is what was used
+  resumed = pipeline.prefetch_to_device(make(), mesh)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(np.asarray(next(resumed)["image"]), ref[2]["image"])
+  it.set_state(dict(state, position=16))  # rewinding drops the buffer
+  np.testing.assert_array_equal(np.asarray(next(it)["image"]), ref[1]["image"])
+  it.close()
+  resumed.close()
+
+
+def test_device_prefetch_ends_and_raises_like_its_iterator(shapes_dir):
+  mesh = _mesh()
+  cfg = data_cfg(shapes_dir)
+  it = pipeline.prefetch_to_device(
+      pipeline.make_iterator(cfg, "test", 8, seed=0, shuffle=False, repeat=False,
+                             process_index=0, process_count=1), mesh)
+  assert len(list(it)) == 2 and it.get_state()["position"] == 16
+  with pytest.raises(StopIteration):
+    next(it)
+
+  def broken(ex):
+    raise KeyError("no field 'codes'")
+
+  bad = pipeline.prefetch_to_device(
+      pipeline.make_iterator(cfg, "train", 8, seed=0, preprocess=broken, process_index=0,
+                             process_count=1), mesh)
+  with pytest.raises(KeyError, match="no field 'codes'"):
+    next(bad)
+  bad.close()

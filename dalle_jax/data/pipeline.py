@@ -4,6 +4,14 @@
   it = make_iterator(config.data, "train", config.batch_size, seed=config.seed)
   batch = next(it)   # {'image': f32 (B, S, S, 3) in [-1, 1], 'caption': (B,) str, ...}
   state = it.get_state()  # small JSON dict; it.set_state(state) resumes exactly
+  it = prefetch_to_device(it, mesh)  # global jax.Arrays, placed ahead by a thread
+
+Throughput (config.data): `read_threads` batches are assembled concurrently
+(decoding and resizing release the GIL), up to `prefetch` batches ahead;
+`num_workers` > 0 moves that into worker processes. With `image_dtype =
+"uint8"` images stay uint8 (a quarter of the bytes to copy and transfer) and
+the jitted step scales them with `normalize_images`. None of these changes
+which examples a batch holds, nor its values.
 
 Ordering: the whole dataset is one stream of positions 0, 1, 2, ... (epoch e
 covers [e*N, (e+1)*N), each epoch a fresh seeded permutation). Global batch k is
@@ -16,7 +24,9 @@ state is just the next position.
 directory written by dalle_jax.data.records.write_records (e.g. VQGAN codes).
 """
 import os
+import queue
 import sys
+import threading
 import warnings
 
 import grain
@@ -26,6 +36,9 @@ from dalle_jax.data import images as img_lib
 from dalle_jax.data import records
 
 _BUILD_CMD = "python -m dalle_jax.tools.build_dataset"
+IMAGE_DTYPES = ("float32", "uint8")
+# data.<key>: (default when the config lacks it, smallest valid value)
+_COUNT_KEYS = {"read_threads": (4, 1), "prefetch": (4, 1), "num_workers": (0, 0)}
 
 
 def _cfg(data_cfg, key, default):
@@ -171,6 +184,19 @@ def captions(data_cfg, split, max_examples=None):
 
 # --------------------------------------------------------------------------- batching
 
+def normalize_images(x):
+  """Batch images as the pipeline ships them -> float32 in [-1, 1].
+
+  uint8 images (data.image_dtype="uint8") are scaled as images.to_float does;
+  float images are already in [-1, 1] and come back unchanged. Works on numpy
+  and on jax arrays, traced or not: call it inside the jitted step so the host
+  ships bytes and the device does the arithmetic.
+  """
+  if np.issubdtype(x.dtype, np.integer):
+    return img_lib.to_float(x)
+  return x
+
+
 def _stack(key, values):
   v0 = values[0]
   if isinstance(v0, (str, bytes)):
@@ -194,7 +220,7 @@ class _BatchLoader:
   """step -> this process's slice of global batch `step` (a picklable grain map)."""
 
   def __init__(self, source, order, start, global_batch, process_index, process_count,
-               image_size, random_crop, seed, preprocess):
+               image_size, random_crop, seed, preprocess, image_dtype):
     self.source = source
     self.order = order
     self.start = start
@@ -205,6 +231,7 @@ class _BatchLoader:
     self.random_crop = random_crop
     self.seed = seed
     self.preprocess = preprocess
+    self.uint8 = image_dtype == "uint8"
 
   def positions(self, step):
     first = self.start + step * self.global_batch + self.process_index * self.local_batch
@@ -227,12 +254,18 @@ class _BatchLoader:
           raise ValueError(f"example {self.order[p]} of {self.source!r}: bad image ({e})") from None
         ex["image"] = img_lib.resize_and_crop(image, self.image_size, rng)
       if self.preprocess is not None:
-        if "image" in ex:
+        if "image" in ex and not self.uint8:
           ex["image"] = img_lib.to_float(ex["image"])
         examples[j] = self.preprocess(ex)
     batch = {k: _stack(k, [ex[k] for ex in examples]) for k in examples[0]}
-    if self.preprocess is None and "image" in batch:
-      batch["image"] = img_lib.to_float(batch["image"])
+    if "image" in batch:
+      if self.uint8 and batch["image"].dtype != np.uint8:
+        # A preprocess that casts would hand normalize_images [0, 255] floats.
+        raise ValueError(f"data.image_dtype='uint8' but `preprocess` returned "
+                         f"{batch['image'].dtype} images; keep them uint8 (the step "
+                         f"normalises them with pipeline.normalize_images)")
+      if self.preprocess is None and not self.uint8:
+        batch["image"] = img_lib.to_float(batch["image"])
     return batch
 
 
@@ -244,7 +277,8 @@ class DataIterator:
   """
 
   def __init__(self, source, *, global_batch_size, seed, shuffle, repeat, process_index,
-               process_count, image_size, random_crop, preprocess, num_workers, name=""):
+               process_count, image_size, random_crop, preprocess, num_workers=0,
+               read_threads=4, prefetch=4, image_dtype="float32", name=""):
     self.source = source
     self.name = name
     self.num_examples = len(source)
@@ -259,6 +293,9 @@ class DataIterator:
     self.random_crop = random_crop
     self.preprocess = preprocess
     self.num_workers = num_workers
+    self.read_threads = read_threads
+    self.prefetch = prefetch
+    self.image_dtype = image_dtype
     self.position = 0  # global position of the next batch's first example
     self._it = None
     if not repeat and self.num_examples < global_batch_size:
@@ -280,10 +317,12 @@ class DataIterator:
       num_steps = max(0, (self.num_examples - self.position) // self.global_batch_size)
     loader = _BatchLoader(self.source, order, self.position, self.global_batch_size,
                           self.process_index, self.process_count, self.image_size,
-                          self.random_crop, self.seed, self.preprocess)
+                          self.random_crop, self.seed, self.preprocess, self.image_dtype)
     ds = grain.MapDataset.range(num_steps).map(loader)
-    # One reader thread keeps the next batches ready while the model computes.
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    # Each element is a whole batch, a pure function of its step: threads
+    # assemble several at once and grain hands them out in step order.
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
+                                              prefetch_buffer_size=self.prefetch))
     if self.num_workers > 0:
       from absl import flags  # pylint: disable=g-import-not-at-top
       if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (outside absl.app)
@@ -332,9 +371,12 @@ def make_iterator(data_cfg, split, global_batch_size, *, seed, preprocess=None, 
   """Process-local batches of `split`: see the module docstring for the order.
 
   Images are decoded, resized (shorter side) to data_cfg.image_size, center- or
-  (data_cfg.random_crop) randomly cropped and scaled to float32 [-1, 1];
-  `preprocess(example) -> example` then runs per example. Captions come out as
-  an object array of str; int64/float64 features as int32/float32.
+  (data_cfg.random_crop) randomly cropped and scaled to float32 [-1, 1], or
+  left uint8 with data_cfg.image_dtype="uint8" (see normalize_images);
+  `preprocess(example) -> example` then runs per example, on the image in that
+  dtype. Captions come out as an object array of str; int64/float64 features
+  as int32/float32. data_cfg.read_threads / prefetch / num_workers: see the
+  module docstring.
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -345,6 +387,14 @@ def make_iterator(data_cfg, split, global_batch_size, *, seed, preprocess=None, 
                      f"the process count {process_count}")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  image_dtype = str(_cfg(data_cfg, "image_dtype", "float32"))
+  if image_dtype not in IMAGE_DTYPES:
+    raise ValueError(f"data.image_dtype={image_dtype!r}; valid: {'|'.join(IMAGE_DTYPES)}")
+  counts = {}
+  for key, (default, low) in _COUNT_KEYS.items():
+    v = counts[key] = _cfg(data_cfg, key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+      raise ValueError(f"data.{key}={v!r}; must be an integer >= {low}")
   source = load_source(data_cfg, split)
   if len(source) == 0:
     raise ValueError(f"{_cfg(data_cfg, 'dataset', '')}:{split} is empty")
@@ -354,5 +404,103 @@ def make_iterator(data_cfg, split, global_batch_size, *, seed, preprocess=None, 
       process_index=process_index, process_count=process_count,
       image_size=int(_cfg(data_cfg, "image_size", 64)),
       random_crop=bool(_cfg(data_cfg, "random_crop", False)), preprocess=preprocess,
-      num_workers=int(_cfg(data_cfg, "num_workers", 0)),
+      num_workers=int(counts["num_workers"]), read_threads=int(counts["read_threads"]),
+      prefetch=int(counts["prefetch"]), image_dtype=image_dtype,
       name=f"{_cfg(data_cfg, 'dataset', '')}:{split}")
+
+
+# --------------------------------------------------------------------------- device prefetch
+
+_DONE = object()  # the wrapped iterator ended
+
+
+class DevicePrefetch:
+  """Batches put on the mesh ahead of time by a background thread; checkpointable.
+
+  next() -> dict of global jax.Arrays (parallel.shard_batch: the numeric
+  fields, split over the batch axes), with up to `size` more already placed
+  while the step computes. get_state() is the wrapped iterator's state after
+  the batches handed out so far (the buffered ones are read again after a
+  restore), so a checkpoint resumes exactly; set_state() drops the buffer.
+  """
+
+  def __init__(self, iterator, mesh, size=2):
+    if size < 1:
+      raise ValueError(f"device prefetch size must be >= 1, got {size}")
+    self.iterator = iterator
+    self.mesh = mesh
+    self.size = size
+    self._state = iterator.get_state()
+    self._thread = self._queue = self._slots = self._stop = None
+
+  def _fill(self, q, slots, stop):
+    # Imported here: jax/flax stay out of grain's worker processes, which
+    # import this module to unpickle the batch loader.
+    from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+    try:
+      while True:
+        while not slots.acquire(timeout=0.1):  # at most `size` batches ahead
+          if stop.is_set():
+            return
+        if stop.is_set():
+          return
+        try:
+          batch = next(self.iterator)
+        except StopIteration:
+          return q.put((_DONE, None))
+        q.put((parallel.shard_batch(batch, self.mesh), self.iterator.get_state()))
+    except BaseException as e:  # pylint: disable=broad-except
+      q.put((e, None))  # raised by the consumer's next()
+
+  def _start(self):
+    self._stop = threading.Event()
+    self._slots = threading.Semaphore(self.size)
+    self._queue = queue.Queue()
+    self._thread = threading.Thread(target=self._fill,
+                                    args=(self._queue, self._slots, self._stop),
+                                    name="device-prefetch", daemon=True)
+    self._thread.start()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      self._start()
+    batch, state = self._queue.get()
+    self._slots.release()
+    if batch is _DONE:
+      self._queue.put((_DONE, None))  # later calls end too
+      raise StopIteration
+    if isinstance(batch, BaseException):
+      self._halt()
+      raise batch
+    self._state = state
+    return batch
+
+  def get_state(self):
+    return dict(self._state)
+
+  def set_state(self, state):
+    self._halt()
+    self.iterator.set_state(state)
+    self._state = self.iterator.get_state()
+
+  def _halt(self):
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+    self._thread = self._queue = None
+
+  def close(self):
+    self._halt()
+    self.iterator.close()
+
+  @property
+  def steps_per_epoch(self):
+    return self.iterator.steps_per_epoch
+
+
+def prefetch_to_device(iterator, mesh, size=2):
+  """Wraps a DataIterator so its batches arrive as sharded jax.Arrays (see DevicePrefetch)."""
+  return DevicePrefetch(iterator, mesh, size)
