@@ -54,6 +54,13 @@ def checkpoint(tmp_path_factory):
   return root
 
 
+def _fake_model_dir(path, config):
+  """A directory that passes the path checks (config.json + variables/) without weights."""
+  os.makedirs(path / "variables", exist_ok=True)
+  (path / "config.json").write_text(json.dumps(config))
+  return str(path)
+
+
 def test_sample_cli_writes_grid_and_images(checkpoint, tmp_path, caplog):
   out = tmp_path / "grid.png"
   long_prompt = " ".join(["red circle"] * 10)
@@ -112,11 +119,12 @@ def test_sample_cli_rerank_keeps_top(checkpoint, tmp_path, monkeypatch):
     return [g[:top_k] for g in groups], [np.arange(top_k, 0, -1.0) for _ in groups]
   monkeypatch.setattr(rerank_lib, "rerank", fake_rerank)
   out = tmp_path / "r.png"
+  clip_dir = _fake_model_dir(tmp_path / "clip", {"family": "clip"})  # checked, never loaded here
   # same shapes and settings as the first CLI test: reuses its compiled loops
   generate.sample_main(["--checkpoint", str(checkpoint / "ar"), "--prompt", CAPTIONS[2],
                         "--prompt", CAPTIONS[3], "--num_images", "3", "--seed", "1", "--top_k", "20", "--guidance_scale", "2",
-                        "--rerank_with", "CLIPDIR", "--rerank_top", "2", "--out", str(out)])
-  assert calls == {"clip": "CLIPDIR", "n": [3, 3], "top_k": 2}
+                        "--rerank_with", clip_dir, "--rerank_top", "2", "--out", str(out)])
+  assert calls == {"clip": clip_dir, "n": [3, 3], "top_k": 2}
   meta = json.loads((tmp_path / "r" / "samples.json").read_text())
   assert [r["clip_score"] for r in meta["images"]] == [2.0, 1.0, 2.0, 1.0]
 
@@ -188,3 +196,65 @@ def test_sample_cli_reuses_persistent_compilation_cache(checkpoint, tmp_path):
   assert any(cache.iterdir()) and hit not in logs[0] and hit in logs[1], logs[1][-2000:]
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")),
                                 np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_sample_cli_rejects_bad_inputs_before_loading(checkpoint, tmp_path, monkeypatch, capsys):
+  """Every bad flag is a one-line error naming it, raised before any weights are
+  read or any decoding is compiled (both made to fail here if reached)."""
+  from dalle_jax.train import checkpoint as ckpt
+
+  def reached(*a, **k):
+    raise AssertionError("weights loaded / decoding started before the inputs were checked")
+  monkeypatch.setattr(ckpt, "load_model", reached)
+  monkeypatch.setattr(generate.decode, "generate", reached)
+  ar, vq = str(checkpoint / "ar"), str(checkpoint / "vqgan")
+  ar_config = json.loads((checkpoint / "ar" / "config.json").read_text())
+  # an AR model whose recorded VQGAN is gone, and a VQGAN with another codebook size
+  moved = _fake_model_dir(tmp_path / "moved", dict(ar_config, vqgan=str(tmp_path / "gone")))
+  vq_config = json.loads((checkpoint / "vqgan" / "config.json").read_text())
+  vq_config["model"]["n_embed"] = 64
+  small_vq = _fake_model_dir(tmp_path / "vq64", vq_config)
+  base = ["--checkpoint", ar, "--prompt", CAPTIONS[0], "--out", str(tmp_path / "x.png")]
+  cases = [
+      (["--rerank_with", str(tmp_path / "no_clip")], r"--rerank_with .*no_clip: no such directory"),
+      (["--rerank_with", vq], r"--rerank_with .*'vqgan' model"),
+      (["--vqgan", ar], r"--vqgan .*'dalle' model \(config.family\), expected a VQGAN"),
+      (["--vqgan", small_vq], r"--vqgan: the VQGAN has 64 codes .* trained on 128"),
+      (["--num_images", "0"], r"--num_images 0: must be >= 1"),
+      (["--top_p", "1.5"], r"--top_p 1.5"),
+      (["--top_k", "-1"], r"--top_k -1"),
+      (["--temperature", "-1"], r"--temperature -1"),
+      (["--batch_size", "-2"], r"--batch_size -2"),
+      (["--num_images", "2", "--rerank_top", "3", "--rerank_with", vq], r"--rerank_top 3"),
+      (["--rerank_top", "1"], r"--rerank_top needs --rerank_with"),
+      (["--prompt", " "], r"--prompt number 2 is empty"),
+      (["--out", str(tmp_path / "x.txt")], r"--out .*x.txt: unknown image extension"),
+      (["--mesh", "2,0,1"], r"--mesh '2,0,1'"),
+      (["--mesh", "3,1,1"], r"--mesh 3,1,1: .*has 3 devices but 8"),
+  ]
+  for extra, message in cases:
+    with pytest.raises(SystemExit, match=message):
+      generate.sample_main(base + extra)
+  for argv, message in [
+      (["--checkpoint", str(tmp_path / "none")], r"--checkpoint .*none: no such directory"),
+      (["--workdir", vq], r"--workdir .*'vqgan' model \(config.family\)"),
+      (["--workdir", str(tmp_path)], r"--workdir .*: no config.json"),
+      (["--checkpoint", moved], r"config.vqgan .*gone: no such directory .*override with --vqgan")]:
+    with pytest.raises(SystemExit, match=message):
+      generate.sample_main(argv + base[2:])
+
+
+def test_sample_py_bad_input_is_one_line_on_stderr(checkpoint, tmp_path):
+  """The public command: exit status 1, one line on stderr, no traceback."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run(
+      [sys.executable, "sample.py", "--checkpoint", str(checkpoint / "ar"), "--prompt", "x",
+       "--vqgan", str(checkpoint / "ar"), "--out", str(tmp_path / "x.png")],
+      cwd=root, env=dict(os.environ, DALLE_JAX_CACHE_DIR="", JAX_PLATFORMS="cpu"),
+      capture_output=True, text=True)
+  assert run.returncode == 1 and run.stdout == ""
+  lines = run.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: --vqgan "), run.stderr
+  assert not (tmp_path / "x.png").exists()

@@ -131,3 +131,17 @@ def to_uint8(images_f):
   """float [-1, 1] -> uint8 [0, 255] (any leading shape); inverse of to_float."""
   x = (np.asarray(images_f, np.float32) + 1.0) * 127.5
   return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def image_grid(images_nhwc, ncols=None, pad=2):
+  """uint8 grid of N images (N, H, W, 3), `ncols` per row, separated by white lines."""
+  images = np.asarray(images_nhwc)
+  n, h, w, c = images.shape
+  ncols = ncols or int(np.ceil(np.sqrt(n)))
+  nrows = int(np.ceil(n / ncols))
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, ncols)
+    top, left = pad + r * (h + pad), pad + col * (w + pad)
+    grid[top:top + h, left:left + w] = img
+  return grid

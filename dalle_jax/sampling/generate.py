@@ -9,13 +9,24 @@ The VQGAN that decodes the codes is the one recorded in the AR config
 (`config.vqgan`, relative paths resolved against the AR checkpoint directory,
 then the working directory), or an explicit override.
 """
+import argparse
+import json
 import logging
 import os
 
 import jax
+from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
+from PIL import Image
 
+from dalle_jax import cli
+from dalle_jax import parallel
+from dalle_jax.data import images as images_lib
+from dalle_jax.data.tokenizers import get_tokenizer
+from dalle_jax.models import loader
 from dalle_jax.sampling import decode
+from dalle_jax.sampling import rerank as rerank_lib
 from dalle_jax.sampling.decode import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,23 +48,12 @@ def resolve_path(path, base_dir):
   return path
 
 
-def load_vqgan(path):
-  """(config, variables) of a VQGAN workdir or imported checkpoint."""
-  from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"VQGAN not found: {path} (pass --vqgan DIR: a VQGAN training "
-                            "workdir or imported checkpoint)")
-  return checkpoint.load_model(path)
-
-
-def vqgan_decode(vq_config, vq_variables, codes_bn, grid, batch_size=16):
-  """Codes (B, N) -> uint8 images (B, H, W, 3) via the VQGAN task's decode API."""
-  from dalle_jax.tasks import vqgan as vq_task  # pylint: disable=g-import-not-at-top
-  from dalle_jax.tasks.base import to_uint8  # pylint: disable=g-import-not-at-top
+def codes_to_images(vq_config, vq_variables, codes_bn, grid, batch_size=16):
+  """Codes (B, N = grid * grid) -> uint8 images (B, H, W, 3) through the VQGAN,
+  `batch_size` rows per call."""
   codes = np.asarray(codes_bn, np.int32).reshape(-1, grid, grid)
-  out = []
-  for i in range(0, len(codes), batch_size):
-    out.append(to_uint8(vq_task.decode_codes(vq_config, vq_variables, codes[i:i + batch_size])))
+  out = [images_lib.to_uint8(loader.vqgan_decode(vq_config, vq_variables, codes[i:i + batch_size]))
+         for i in range(0, len(codes), batch_size)]
   return np.concatenate(out)
 
 
@@ -61,7 +61,6 @@ def _to_host(x):
   """A (possibly multi-process, sharded) array as one numpy array on every process."""
   if getattr(x, "is_fully_addressable", True):
     return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -75,40 +74,33 @@ class Pipeline:
     self.rules = None
     self.params = variables["params"]
     if mesh is not None:
-      from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
       self.rules = parallel.rules_from_config(config)
       self.params = self.decoder.shard_params(self.params, mesh, self.rules)
     self.tokenizer = tokenizer
     self.vqgan = vqgan  # (config, variables) or None
     self.grid = int(config.model.image_grid)
     if vqgan is not None:
-      n_embed = vqgan[0].model.get("n_embed")
-      if n_embed is not None and int(n_embed) != int(config.model.image_vocab_size):
-        raise ValueError(f"VQGAN has {n_embed} codes but the transformer was trained on "
-                         f"{config.model.image_vocab_size}: wrong --vqgan?")
+      _check_vqgan_fits(vqgan[0], config, "--vqgan")
 
   @classmethod
   def load(cls, path, vqgan_path=None, require_vqgan=True, mesh=None):
-    from dalle_jax.data.tokenizers import get_tokenizer  # pylint: disable=g-import-not-at-top
-    from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    """A Pipeline from an AR workdir / imported checkpoint; the VQGAN from
+    `vqgan_path` or the one config.vqgan records. Paths and families are checked
+    before any weights are read (`loader.ModelPathError`)."""
     path = os.path.abspath(os.path.expanduser(path))
-    config = checkpoint.read_config(path)
-    if config.get("family") != "dalle":
-      raise ValueError(f"{path}: config.family={config.get('family')!r}, expected 'dalle' "
-                       "(an autoregressive text->image checkpoint)")
-    target = None
-    if mesh is not None:  # each parameter read straight into its shards
-      from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
-      target = decode.make_decoder(config).abstract_params(mesh, parallel.rules_from_config(config))
-    _, variables = checkpoint.load_model(path, params_target=target)
-    tokenizer = get_tokenizer(config.text, data_cfg=config.get("data"), base_dir=path)
+    config = loader.check(path, "dalle")
     vq = vqgan_path or resolve_path(config.get("vqgan", ""), path)
-    vqgan = None
     if vq:
-      vqgan = load_vqgan(vq)
+      _check_vqgan_fits(loader.check(vq, "vqgan", "--vqgan"), config, "--vqgan")
     elif require_vqgan:
       raise ValueError(f"{path}: the config records no VQGAN (config.vqgan is empty); "
                        "pass --vqgan DIR")
+    tokenizer = get_tokenizer(config.text, data_cfg=config.get("data"), base_dir=path)
+    target = None
+    if mesh is not None:  # each parameter read straight into its shards
+      target = decode.make_decoder(config).abstract_params(mesh, parallel.rules_from_config(config))
+    _, variables = loader.load(path, "dalle", params_target=target)
+    vqgan = loader.load_vqgan(vq) if vq else None
     return cls(config, variables, tokenizer=tokenizer, vqgan=vqgan, mesh=mesh)
 
   # --- text ---------------------------------------------------------------------
@@ -163,7 +155,7 @@ class Pipeline:
       raise ValueError("no VQGAN loaded: cannot turn codes into images (pass --vqgan)")
     codes = np.asarray(codes)
     flat = codes.reshape(-1, codes.shape[-1])
-    images = vqgan_decode(self.vqgan[0], self.vqgan[1], flat, self.grid)
+    images = codes_to_images(self.vqgan[0], self.vqgan[1], flat, self.grid)
     return images.reshape(codes.shape[:-1] + images.shape[1:])
 
   def generate(self, prompts, num_images=1, seed=0, sp=SamplingParams(), **kw):
@@ -173,7 +165,6 @@ class Pipeline:
 # --- command line (sample.py) -----------------------------------------------------------
 
 def _parser():
-  import argparse  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(
       prog="sample.py", description="Text -> images with a dalle_jax autoregressive model.")
   src = p.add_mutually_exclusive_group(required=True)
@@ -204,44 +195,114 @@ def _parser():
   return p
 
 
-def _mesh_from_flag(flag):
-  if not flag:
-    return None
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+def _mesh_sizes(flag):
   try:
     sizes = [int(v) for v in flag.split(",")]
   except ValueError:
     sizes = []
-  if len(sizes) != 3:
-    raise ValueError(f"--mesh {flag!r}: expected three comma-separated sizes DATA,FSDP,TENSOR")
-  return parallel.make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), sizes))))
+  if len(sizes) != 3 or any(v == 0 or v < -1 for v in sizes) or sizes.count(-1) > 1:
+    raise ValueError(f"--mesh {flag!r}: expected three comma-separated sizes DATA,FSDP,TENSOR "
+                     "(positive, at most one -1)")
+  return sizes
+
+
+def _mesh_from_flag(flag):
+  if not flag:
+    return None
+  sizes = _mesh_sizes(flag)
+  try:
+    return parallel.make_mesh(ml_collections.ConfigDict(dict(zip(("data", "fsdp", "tensor"), sizes))))
+  except ValueError as e:
+    raise ValueError(f"--mesh {flag}: {e}") from None
 
 
 def _rerank(clip_path, prompts, images, top):
   """dalle_jax.sampling.rerank.rerank -> (uint8 (P, K, H, W, 3), CLIP scores (P, K))."""
-  from dalle_jax.sampling import rerank as rerank_lib  # pylint: disable=g-import-not-at-top
   kept, scores = rerank_lib.rerank(clip_path, list(prompts), [images[i] for i in range(len(prompts))],
                                    top)
   return np.stack([np.asarray(k) for k in kept]), np.stack([np.asarray(s) for s in scores])
 
 
+def _out_format(out):
+  """The PIL format that writes `out` (from its extension), or None."""
+  fmt = Image.registered_extensions().get(os.path.splitext(out)[1].lower())
+  return fmt if fmt in Image.SAVE else None
+
+
+def check_args(args):
+  """Every sample.py input checked before any weights are read or any program is
+  compiled: raises ValueError (ModelPathError for model paths) with one line
+  naming the flag. Returns (AR config, VQGAN path)."""
+  if args.num_images < 1:
+    raise ValueError(f"--num_images {args.num_images}: must be >= 1")
+  if args.batch_size < 0:
+    raise ValueError(f"--batch_size {args.batch_size}: must be >= 0 (0 = all rows at once)")
+  if args.top_k is not None and args.top_k < 0:
+    raise ValueError(f"--top_k {args.top_k}: must be >= 0 (0 = off, 1 = greedy)")
+  if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+    raise ValueError(f"--top_p {args.top_p}: must be in (0, 1] (1 = off)")
+  if args.temperature is not None and not (np.isfinite(args.temperature) and
+                                           args.temperature >= 0):
+    raise ValueError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+  if args.guidance_scale is not None and not np.isfinite(args.guidance_scale):
+    raise ValueError(f"--guidance_scale {args.guidance_scale}: must be a finite number")
+  if args.rerank_top and not args.rerank_with:
+    raise ValueError("--rerank_top needs --rerank_with CLIP_DIR")
+  if not 0 <= args.rerank_top <= args.num_images:
+    raise ValueError(f"--rerank_top {args.rerank_top}: must be in [0, --num_images "
+                     f"{args.num_images}] (0 = keep all)")
+  if not args.prompt and not args.unconditional:
+    raise ValueError("give at least one --prompt TEXT (or --unconditional)")
+  for i, p in enumerate(args.prompt):
+    if not p.strip() and not args.unconditional:
+      raise ValueError(f"--prompt number {i + 1} is empty (pass --unconditional to sample "
+                       "without text)")
+  if _out_format(args.out) is None:
+    raise ValueError(f"--out {args.out}: unknown image extension (use .png or .jpg)")
+  if args.mesh:
+    _mesh_sizes(args.mesh)
+  flag = "--workdir" if args.workdir else "--checkpoint"
+  path = os.path.abspath(os.path.expanduser(args.workdir or args.checkpoint))
+  config = loader.check(path, "dalle", flag)
+  if args.vqgan:
+    vq_path = args.vqgan
+    vq_config = loader.check(vq_path, "vqgan", "--vqgan")
+    _check_vqgan_fits(vq_config, config, "--vqgan")
+  elif config.get("vqgan"):
+    vq_path = resolve_path(config.vqgan, path)
+    try:
+      vq_config = loader.check(vq_path, "vqgan", "config.vqgan")
+      _check_vqgan_fits(vq_config, config, "config.vqgan")
+    except loader.ModelPathError as e:
+      raise loader.ModelPathError(f"{e} (recorded in {flag} {path}; override with --vqgan DIR)")
+  else:
+    raise ValueError(f"{flag} {path}: the config records no VQGAN (config.vqgan is empty); "
+                     "pass --vqgan DIR")
+  if args.rerank_with:
+    loader.check(args.rerank_with, "clip", "--rerank_with")
+  return config, vq_path
+
+
+def _check_vqgan_fits(vq_config, config, flag):
+  n_embed = vq_config.model.get("n_embed")
+  if n_embed is not None and int(n_embed) != int(config.model.image_vocab_size):
+    raise loader.ModelPathError(
+        f"{flag}: the VQGAN has {n_embed} codes but the transformer was trained on "
+        f"{config.model.image_vocab_size}")
+
+
 def sample_main(argv=None):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  from dalle_jax.tasks.base import image_grid  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  if not args.prompt and not args.unconditional:
-    raise SystemExit("error: give at least one --prompt TEXT (or --unconditional)")
-  if args.rerank_top and not args.rerank_with:
-    raise SystemExit("error: --rerank_top needs --rerank_with CLIP_DIR")
-  from dalle_jax import cli, parallel  # pylint: disable=g-import-not-at-top
+  try:
+    _, vq_path = check_args(args)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
   cli.enable_compilation_cache()
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
-    pipe = Pipeline.load(args.workdir or args.checkpoint, vqgan_path=args.vqgan,
-                         mesh=_mesh_from_flag(args.mesh))
+    mesh = _mesh_from_flag(args.mesh)
+    pipe = Pipeline.load(args.workdir or args.checkpoint, vqgan_path=vq_path, mesh=mesh)
     s = pipe.config.get("sampling") or {}
     pick = lambda v, k, d: v if v is not None else s.get(k, d)
     sp = SamplingParams(temperature=pick(args.temperature, "temperature", 1.0),
@@ -254,7 +315,7 @@ def sample_main(argv=None):
                                 progress=True)
     images = pipe.decode_images(codes)  # (P, n, H, W, 3)
   except (PromptError, FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
+    raise SystemExit(f"error: {e}") from None
   scores = None
   if args.rerank_with:
     images, scores = _rerank(args.rerank_with, prompts, images, args.rerank_top or args.num_images)
@@ -274,6 +335,6 @@ def sample_main(argv=None):
   with open(os.path.join(stem, "samples.json"), "w") as f:
     json.dump({"images": rows, "seed": args.seed, "sampling": sp.__dict__}, f, indent=2)
   n = images.shape[1]
-  Image.fromarray(image_grid(images.reshape((-1,) + images.shape[2:]), ncols=n)).save(out)
+  Image.fromarray(images_lib.image_grid(images.reshape((-1,) + images.shape[2:]), ncols=n)).save(out)
   print(f"wrote {out} ({len(prompts)} prompts x {n} images) and {len(rows)} images in {stem}/")
   return out

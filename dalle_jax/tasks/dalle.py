@@ -202,13 +202,14 @@ class DalleTask(base.Task):
   # --- sampling preview -------------------------------------------------------------
   def preview(self, params, model_state, batch, rng):
     from dalle_jax.sampling import decode, generate  # pylint: disable=g-import-not-at-top
+    from dalle_jax.models import loader  # pylint: disable=g-import-not-at-top
     c = self.config
     s = c.sampling
     if not c.get("vqgan"):
       log.info("preview skipped: config.vqgan is not set (no decoder for codes)")
       return {}
     try:
-      vq = generate.load_vqgan(c.vqgan)
+      vq = loader.load_vqgan(c.vqgan, "config.vqgan")
     except (FileNotFoundError, ValueError) as e:
       log.warning("preview skipped: %s", e)
       return {}
@@ -224,8 +225,8 @@ class DalleTask(base.Task):
       decoder = self._preview_decoder = decode.make_decoder(c)
     codes = decode.generate(decoder, params, text, mask, rng=rng, sp=sp, uncond_text=ids,
                             uncond_mask=umask, chunk=max(int(s.chunk), self.num_codes))
-    images = generate.vqgan_decode(vq[0], vq[1], np.asarray(codes), int(c.model.image_grid))
-    truth = generate.vqgan_decode(vq[0], vq[1], np.asarray(batch["codes"][:n_p]),
+    images = generate.codes_to_images(vq[0], vq[1], np.asarray(codes), int(c.model.image_grid))
+    truth = generate.codes_to_images(vq[0], vq[1], np.asarray(batch["codes"][:n_p]),
                                   int(c.model.image_grid))
     # one row per prompt: the encoded ground truth, then the samples
     rows = np.concatenate([truth[:, None], images.reshape((n_p, n_s) + images.shape[1:])], 1)
