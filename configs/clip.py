@@ -8,7 +8,10 @@
     --dataset shapes/32px_5000 --ensemble logsumexp` names the shape colour of
     held-out images with ~98% top-1 (shape: ~33%, chance 20%).
   python train.py --config configs/clip.py:vit_b32 --workdir W --config.data.dataset=coco_captions
-    ViT-B/32 at OpenAI CLIP's published sizes (also vit_b16, vit_l14).
+    ViT-B/32 at OpenAI CLIP's published sizes (also vit_b16, vit_l14). Parameters
+    are sharded over every device ('fsdp' = -1) up to 256 of them (widths 768 =
+    2^8 * 3); beyond, 2-D FSDP splits the weights' other dim over 'data' too:
+    --config.mesh.fsdp=256 --config.mesh.data=-1 (parallel.fsdp_2d_rules).
 
 Append `_siglip` to any preset (e.g. `shapes_siglip`) for the sigmoid loss with a
 learned bias (SigLIP: t' = log 10, b = -10). Imported Hugging Face checkpoints
@@ -19,6 +22,7 @@ import math
 import ml_collections
 
 from configs import common
+from dalle_jax import parallel
 
 # name: (vision image/patch/width/layers/heads, text width/layers/heads, embed dim)
 VIT_PRESETS = {
@@ -109,6 +113,8 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 0.2
     c.mesh.data = 1
     c.mesh.fsdp = -1  # big contrastive batches: shard parameters, batch over all devices
+    c.logical_axis_rules = parallel.fsdp_2d_rules(
+        parallel.replace_rule(common.DEFAULT_RULES, "norm", "fsdp"))
     c.remat = "dots"
 
   c.data.image_size = image_size

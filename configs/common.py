@@ -55,6 +55,9 @@ def base_config():
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.logical_axis_rules = DEFAULT_RULES
+  # An array whose dim a mesh axis does not divide is replicated along that axis
+  # only below this many bytes (logged); a larger one is an error naming it.
+  c.allow_replication_below = 1 << 20
 
   # Numerics: f32 params, bf16 compute by default.
   c.dtype = "bfloat16"

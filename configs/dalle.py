@@ -21,11 +21,17 @@ Presets:
   small   12 layers, d 768, 64 text + 16x16 codes (f16_16384 VQGAN), full attention.
   paper   DALL·E's 12B layout: 64 layers, d 3968, 62 heads, 256 BPE text + 32x32
           codes (8192), row/column/conv sparse attention (block-sparse in training:
-          each query scores 320-480 of the 1280 keys), bf16, scan + remat, FSDP.
+          each query scores 320-480 of the 1280 keys), bf16, scan + remat, 2-D FSDP:
+          d_model 3968 = 2^7 * 31 caps 'fsdp' at 128, so the mesh is fsdp 64 x data
+          (all other devices) and the weights' head-dim / MLP / vocabulary dims are
+          split over 'data' too (parallel.fsdp_2d_rules): parameters and Adam state
+          are divided by every device, from 64 up to 4096 of them (head dim 64).
+          'tensor' may be 2 (62 heads); on fewer than 64 devices set mesh.fsdp.
 """
 import ml_collections
 
 from configs import common
+from dalle_jax import parallel
 
 
 def model_config(**kw):
@@ -112,8 +118,10 @@ def get_config(arg=None):
     c.dtype = "bfloat16"
     c.remat = "full"
     c.scan_layers = True
-    c.mesh.data = 1
-    c.mesh.fsdp = -1
+    c.mesh.data = -1
+    c.mesh.fsdp = 64
+    c.logical_axis_rules = parallel.fsdp_2d_rules(
+        parallel.replace_rule(common.DEFAULT_RULES, "norm", "fsdp"))
     c.optimizer = common.optimizer_config("adamw", 4.5e-4)
     c.optimizer.b1, c.optimizer.b2 = 0.9, 0.96
     c.optimizer.eps = 1e-8

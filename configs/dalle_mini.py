@@ -15,6 +15,8 @@ Presets (dimensions as min_dalle/min_dalle.py):
           16x16 codes from 16384 (+1 start token), f32 (imported models match the
           reference token for token).
   mega    24+24 layers, d 2048, 32 heads, GLU 4096, text vocab 50272, decoder table 16416.
+  Both shard their parameters over every device ('fsdp' = -1: d_model divides up to
+  1024 / 2048 of them); set batch_size to at least the device count on a pod.
   shapes  2+2 layers, d 128 on the shapes codes (VQGAN shapes preset); minutes on CPU.
 
 The decoder starts from token `model.start_token` = 16384 (= image_vocab_size,
@@ -26,6 +28,7 @@ import ml_collections
 
 from configs import common
 from configs import dalle as dalle_cfg
+from dalle_jax import parallel
 
 
 def model_config(**kw):
@@ -64,6 +67,10 @@ def get_config(arg=None):
     c.sampling.top_k = 256
     c.sampling.guidance_scale = 16.0
     c.sampling.chunk = 32
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
+    # layer-norm scales too (stacked per layer: ~30% of a device's share at 512)
+    c.logical_axis_rules = parallel.replace_rule(common.DEFAULT_RULES, "norm", "fsdp")
     if preset == "mega":
       c.remat = "full"
       c.scan_layers = True

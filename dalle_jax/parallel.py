@@ -75,52 +75,162 @@ def rules_from_config(config):
   return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in config.logical_axis_rules)
 
 
+def replace_rule(rules, name, axes):
+  """`rules` with logical `name` mapped to `axes` (e.g. the stacked layer-norm
+  scales of a scanned pod-size model, 'norm' -> 'fsdp', instead of replicated)."""
+  if name not in [n for n, _ in rules]:
+    raise ValueError(f"replace_rule: no rule for logical axis {name!r}")
+  return tuple((n, axes if n == name else a) for n, a in rules)
+
+
+def fsdp_2d_rules(rules, over="data", dims=("kv", "mlp", "vocab")):
+  """`rules` with weights also split over mesh axis `over` on their `dims`.
+
+  FSDP shards each weight over 'fsdp' on its 'embed' dim, which caps 'fsdp' at
+  the largest divisor of the model width (DALL·E's 3968 = 2^7 * 31: 128). Here
+  the weights' other dim (head dim, MLP, vocabulary) also takes `over`, so
+  parameters and optimizer state are divided by fsdp x `over` devices (2-D
+  FSDP). Activations are unchanged: their 'batch' rule comes first and takes
+  `over`, so their 'kv' / 'mlp' / 'vocab' fall back to the original rule.
+  """
+  names = [n for n, _ in rules]
+  if "batch" not in names or any(names.index("batch") > names.index(d) for d in dims if d in names):
+    raise ValueError("fsdp_2d_rules: the 'batch' rule must come before "
+                     f"{dims} (activations must claim {over!r} for the batch first)")
+  out = []
+  for name, axes in rules:
+    if name in dims:
+      axes_t = () if axes is None else (tuple(axes) if isinstance(axes, (tuple, list)) else (axes,))
+      out.append((name, axes_t + (over,)))
+      if axes is not None:  # what activations (batch already on `over`) keep
+        out.append((name, axes))
+    else:
+      out.append((name, axes))
+  return tuple(out)
+
+
 def unbox(tree):
   """Strips flax's LogicallyPartitioned boxes, leaving plain arrays."""
   return nn.meta.unbox(tree)
 
 
+# Parameters smaller than this may lose a mesh axis that does not divide their
+# dimension (kept whole along it, i.e. replicated there); anything larger is an
+# error. `config.allow_replication_below` sets it for a run (see mesh_context).
+DEFAULT_REPLICATION_LIMIT = 1 << 20  # bytes
+_replication_limit = [DEFAULT_REPLICATION_LIMIT]  # innermost mesh_context's value last
+
+
+class ReplicationError(ValueError):
+  """A large array would be silently replicated along a mesh axis."""
+
+
 def _fit_spec(spec, shape, mesh):
-  """Drops mesh axes from dims they don't divide (tiny models on big meshes)."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  """Keeps on each dim the longest prefix of its mesh axes whose product divides it.
+
+  Returns (PartitionSpec, dropped): dropped lists (dim, [(axis, size), ...]) for
+  the axes of size > 1 that had to go (the array is replicated along them).
+  Axes the mesh does not have are ignored (a rule for a mesh without 'tensor').
+  """
+  out, dropped = [], []
+  for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     if axes is None:
       out.append(None)
       continue
     axes_t = axes if isinstance(axes, tuple) else (axes,)
     kept = tuple(a for a in axes_t if a in mesh.shape)
-    size = int(np.prod([mesh.shape[a] for a in kept])) if kept else 1
-    if size > 1 and dim % size:
-      # Try the longest prefix that divides before giving up on the dim.
-      while kept and dim % int(np.prod([mesh.shape[a] for a in kept])):
-        kept = kept[:-1]
+    wanted = kept
+    while kept and dim % int(np.prod([mesh.shape[a] for a in kept])):
+      kept = kept[:-1]
+    lost = [(a, mesh.shape[a]) for a in wanted[len(kept):] if mesh.shape[a] > 1]
+    if lost:
+      dropped.append((i, lost))
     out.append(None if not kept else (kept if len(kept) > 1 else kept[0]))
-  return P(*out)
+  return P(*out), dropped
 
 
-def logical_shardings(abstract_boxed, mesh, rules):
+def _replication_message(what, shape, names, dropped, nbytes, limit):
+  i, lost = dropped[0]
+  name = f" ({names[i]!r})" if names and i < len(names) and names[i] else ""
+  axes = " x ".join(f"{a!r} ({n})" for a, n in lost)
+  size = int(np.prod([n for _, n in lost]))
+  return (f"{what} {tuple(shape)}: dim {i}{name} of size {shape[i]} is not divisible by mesh "
+          f"axis {axes}, so its {nbytes / 2**20:.1f} MiB would be replicated along it "
+          f"(largest dividing size: {int(np.gcd(shape[i], size))}). Change config.mesh or "
+          f"config.logical_axis_rules so a dividing dim takes the axis, or raise "
+          f"config.allow_replication_below above {nbytes} bytes (now {limit})")
+
+
+def _spec_checked(spec, shape, dtype, mesh, what, names, limit, replicated_bytes):
+  spec, dropped = _fit_spec(spec, shape, mesh)
+  if dropped:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes >= limit:
+      raise ReplicationError(_replication_message(what, shape, names, dropped, nbytes, limit))
+    replicated_bytes.append(nbytes)
+  return spec
+
+
+def _log_replicated(replicated_bytes, mesh):
+  if replicated_bytes:
+    logging.info("%d small arrays (%.3f MiB in all) replicated along mesh axes of %s that do "
+                 "not divide them", len(replicated_bytes), sum(replicated_bytes) / 2**20,
+                 dict(mesh.shape))
+
+
+def logical_shardings(abstract_boxed, mesh, rules, allow_replication_below=None):
   """NamedShardings for a (possibly boxed) variables tree, from logical names.
 
   Boxed leaves (nn.LogicallyPartitioned) map through `rules`; plain leaves
-  (step counters, RNG keys) are replicated.
+  (step counters, RNG keys) are replicated. A mesh axis that does not divide
+  its dimension is dropped only for arrays under `allow_replication_below`
+  bytes (default: the innermost mesh_context's config, else
+  DEFAULT_REPLICATION_LIMIT), with their total logged; a larger one raises
+  ReplicationError naming its path, dimension and mesh axis. `mesh` may be an
+  AbstractMesh (shardings only, nothing placed).
   """
-  def to_sharding(x):
+  limit = _replication_limit[-1] if allow_replication_below is None else allow_replication_below
+  replicated_bytes = []
+
+  def to_sharding(path, x):
     if isinstance(x, nn.LogicallyPartitioned) and not hasattr(x.value, "shape"):
       return x.value  # e.g. optax's MaskedNode (another group's slot): an empty subtree
+    names = None
     if isinstance(x, nn.LogicallyPartitioned):
-      spec = nn.logical_to_mesh_axes(x.names, rules)
-      shape = x.value.shape
+      names = tuple(x.names)
+      spec = nn.logical_to_mesh_axes(names, rules)
+      x = x.value
     else:
-      spec, shape = P(), x.shape
-    return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+      spec = P()
+    what = jax.tree_util.keystr(path, simple=True, separator="/") or "array"
+    return NamedSharding(mesh, _spec_checked(spec, x.shape, x.dtype, mesh, what, names, limit,
+                                             replicated_bytes))
 
-  return jax.tree.map(to_sharding, abstract_boxed,
-                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  out = jax.tree_util.tree_map_with_path(to_sharding, abstract_boxed,
+                                         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  _log_replicated(replicated_bytes, mesh)
+  return out
 
 
-def named_sharding(names, shape, mesh, rules):
-  """NamedSharding for one array with logical axis `names` (None = replicated dim)."""
-  return NamedSharding(mesh, _fit_spec(nn.logical_to_mesh_axes(tuple(names), rules), shape, mesh))
+def named_sharding(names, shape, mesh, rules, dtype=jnp.float32, what="array",
+                   allow_replication_below=None):
+  """NamedSharding for one array with logical axis `names` (None = replicated
+  dim), under the same divisibility check as logical_shardings."""
+  limit = _replication_limit[-1] if allow_replication_below is None else allow_replication_below
+  names = tuple(names)
+  replicated_bytes = []
+  spec = _spec_checked(nn.logical_to_mesh_axes(names, rules), shape, dtype, mesh, what, names,
+                       limit, replicated_bytes)
+  return NamedSharding(mesh, spec)
+
+
+def per_device_bytes(shardings, abstract):
+  """Bytes each device holds of `abstract` (ShapeDtypeStructs or arrays) laid out by
+  `shardings` (same tree): the largest shard of every leaf, summed. Works on an
+  AbstractMesh, so a pod's layout is checked without the pod."""
+  sizes = jax.tree.map(lambda s, a: int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize,
+                       shardings, abstract)
+  return sum(jax.tree.leaves(sizes))
 
 
 def replicated(mesh):
@@ -156,6 +266,15 @@ def host_local(x):
       x, x.sharding.mesh, x.sharding.spec))
 
 
+def to_host(x):
+  """A jax.Array, sharded over any processes, as one whole numpy array on every
+  process (numpy passes through)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
@@ -165,13 +284,29 @@ def axis_rules_context(config):
   return nn.logical_axis_rules(rules_from_config(config))
 
 
+class _replication_limit_context:
+  def __init__(self, limit):
+    self.limit = int(limit)
+
+  def __enter__(self):
+    _replication_limit.append(self.limit)
+
+  def __exit__(self, *exc):
+    _replication_limit.pop()
+
+
 class mesh_context:
-  """`with mesh_context(mesh, config):` — the mesh and the logical rules, active together."""
+  """`with mesh_context(mesh, config):` — the mesh, the logical rules and the
+  config's `allow_replication_below` (for logical_shardings), active together.
+  An AbstractMesh (a pod's shape, no devices) serves tracing: eval_shape, shardings."""
 
   def __init__(self, mesh, config=None):
-    self._ctxs = [jax.set_mesh(mesh)]
+    abstract = isinstance(mesh, jax.sharding.AbstractMesh)
+    self._ctxs = [jax.sharding.use_abstract_mesh(mesh) if abstract else jax.set_mesh(mesh)]
     if config is not None:
       self._ctxs.append(axis_rules_context(config))
+      if config.get("allow_replication_below") is not None:
+        self._ctxs.append(_replication_limit_context(config.allow_replication_below))
 
   def __enter__(self):
     for c in self._ctxs:

@@ -138,8 +138,10 @@ def test_paper_preset_shapes_and_shardings():
   mesh = jax.make_mesh((1, 4, 2), ("data", "fsdp", "tensor"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
   shard = nn.logical_to_mesh_sharding(specs, mesh, config.logical_axis_rules)
-  assert tuple(shard["layers"]["layers"]["block"]["mlp"]["wi"]["kernel"].spec) == (None, "fsdp", "tensor")
-  assert tuple(shard["image_head"]["kernel"].spec) == ("fsdp", "tensor")
+  # 2-D FSDP (parallel.fsdp_2d_rules): the second dim over tensor x data
+  assert tuple(shard["layers"]["layers"]["block"]["mlp"]["wi"]["kernel"].spec) == (
+      None, "fsdp", ("tensor", "data"))
+  assert tuple(shard["image_head"]["kernel"].spec) == ("fsdp", ("tensor", "data"))
 
 
 def test_mini_and_mega_presets_match_min_dalle():
