@@ -6,9 +6,11 @@ import pickle
 import sys
 import types
 
+import min_dalle.text_tokenizer as min_tok
 import ml_collections
 import numpy as np
 import pytest
+import transformers
 
 from dalle_jax.data import tokenizers as tk
 
@@ -56,6 +58,19 @@ def test_sp_roundtrip_padding_mask(sp_model):
   assert sp_model.decode(ids[0]) == texts[:1]  # a single (L,) row
   # Picklable, for grain worker processes.
   np.testing.assert_array_equal(pickle.loads(pickle.dumps(sp_model)).encode(texts, 16)[0], ids)
+
+
+def test_sp_small_and_large_calls_give_the_same_ids(sp_model):
+  # Small lists are encoded text by text (no per-call thread pool), large ones
+  # in one SentencePiece call: the ids must not depend on the path taken.
+  texts = (CAPTIONS * 4)[:tk._SP_BATCH_FROM + 5]
+  ids, mask = sp_model.encode(texts, max_len=16)
+  for i in (0, 7, len(texts) - 1):
+    one_ids, one_mask = sp_model.encode([texts[i]], max_len=16)
+    np.testing.assert_array_equal(one_ids[0], ids[i])
+    np.testing.assert_array_equal(one_mask[0], mask[i])
+  ref = sp_model.sp.encode(texts[:3], out_type=int, add_eos=True)
+  assert [list(r[m]) for r, m in zip(ids[:3], mask[:3])] == ref
 
 
 def test_sp_lowercase_and_whitespace(sp_model, tmp_path):
@@ -192,7 +207,6 @@ CLIP_MERGES = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("cir", "c"
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-  transformers = pytest.importorskip("transformers")
   chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.!'")
   vocab = {}
   for suffix in ("", "</w>"):
@@ -239,7 +253,6 @@ def test_hf_clip_ids_match_hf(clip_dir, caplog):
 
 
 def test_hf_bart_ids_match_hf(tmp_path):
-  transformers = pytest.importorskip("transformers")
   vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
   for c in "Ġabcdefghijklmnopqrstuvwxyz":
     vocab[c] = len(vocab)
@@ -304,7 +317,6 @@ def _random_texts(seed=1, n=200):
 
 
 def test_bart_bpe_matches_min_dalle(tmp_path):
-  min_tok = pytest.importorskip("min_dalle.text_tokenizer")
   vocab_json, merges_txt = _synthetic_bart_files(str(tmp_path))
   with open(vocab_json, encoding="utf8") as f:
     vocab = json.load(f)
