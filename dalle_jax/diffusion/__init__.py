@@ -1,0 +1,11 @@
+"""Gaussian diffusion as pure functions over a model function (no Linen, no I/O).
+
+schedule   SchedulerConfig (diffusers' scheduler_config.json), betas, respaced timesteps
+gaussian   Diffusion: q_sample, eps/x0/v conversions, MSE / min-SNR / hybrid (learned variance) loss
+samplers   DDPM, DDIM, DPM-Solver++(2M) as one compiled loop each; thresholding
+guidance   classifier-free guidance in one batched pass; condition dropout
+"""
+from dalle_jax.diffusion.gaussian import Diffusion
+from dalle_jax.diffusion.guidance import classifier_free_guidance, drop_condition
+from dalle_jax.diffusion.samplers import dynamic_threshold, sample, static_clip
+from dalle_jax.diffusion.schedule import SchedulerConfig, betas, alphas_cumprod, timesteps
