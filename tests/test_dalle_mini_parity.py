@@ -159,7 +159,6 @@ def test_greedy_guided_decoding_matches_min_dalle(reference, converted):
 
 def test_cli_writes_checkpoint(reference, tmp_path, monkeypatch):
   """convert() end to end: files -> save_imported dir with the tokenizer copied."""
-  pytest.importorskip("dalle_jax.train.checkpoint")
   enc, dec = reference
   root = tmp_path / "root"
   d = root / "dalle_bart_mini"
