@@ -11,7 +11,7 @@ Throughput (config.data): `read_threads` batches are assembled concurrently
 `num_workers` > 0 moves that into worker processes. With `image_dtype =
 "uint8"` images stay uint8 (a quarter of the bytes to copy and transfer) and
 the jitted step scales them with `normalize_images`. None of these changes
-which examples a batch holds, nor its values.
+which examples a batch holds, nor (once normalised) its values.
 
 Ordering: the whole dataset is one stream of positions 0, 1, 2, ... (epoch e
 covers [e*N, (e+1)*N), each epoch a fresh seeded permutation). Global batch k is
