@@ -64,6 +64,9 @@ def base_config():
   c.param_dtype = "float32"
   c.remat = "none"  # none | full | dots (checkpoint_dots_with_no_batch_dims)
   c.scan_layers = False
+  # Full attention: auto | xla | dot_product_attention | cudnn | splash (what runs
+  # where: dalle_jax/models/layers.py; auto = splash on TPU, cuDNN on GPU, xla on CPU).
+  c.attention_impl = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "shapes"  # TFDS name

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dalle_jax.models import layers
+
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a global batch is split over
 
 
@@ -296,8 +298,9 @@ class _replication_limit_context:
 
 
 class mesh_context:
-  """`with mesh_context(mesh, config):` — the mesh, the logical rules and the
-  config's `allow_replication_below` (for logical_shardings), active together.
+  """`with mesh_context(mesh, config):` — the mesh, the logical rules, the config's
+  `allow_replication_below` (for logical_shardings) and its `attention_impl`
+  (layers.attention_impl, read while tracing), active together.
   An AbstractMesh (a pod's shape, no devices) serves tracing: eval_shape, shardings."""
 
   def __init__(self, mesh, config=None):
@@ -307,6 +310,8 @@ class mesh_context:
       self._ctxs.append(axis_rules_context(config))
       if config.get("allow_replication_below") is not None:
         self._ctxs.append(_replication_limit_context(config.allow_replication_below))
+      if config.get("attention_impl"):
+        self._ctxs.append(layers.attention_impl(config.attention_impl))
 
   def __enter__(self):
     for c in self._ctxs:

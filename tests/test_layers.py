@@ -104,3 +104,133 @@ def test_cross_entropy_matches_optax_values_and_gradients():
   np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), atol=1e-6)
   top = losses.label_is_top(logits, labels)
   np.testing.assert_array_equal(top, jnp.argmax(logits, -1) == labels)
+
+
+# --- attention implementations ----------------------------------------------------------
+
+def _attention_masks():
+  """name -> (mask for the implementation, the same mask as a dense bool array)."""
+  from dalle_jax.models import dalle  # pylint: disable=g-import-not-at-top
+  b, t = 2, 128
+  key_valid = jnp.arange(t)[None, :] < jnp.array([[t], [77]])  # row 1: 51 padding keys
+  causal = layers.causal_mask(t)[None, None]
+  pad = key_valid[:, None, None, :]
+  out = {
+      "causal": (layers.AttentionMask(causal=True), causal),
+      "padding": (layers.AttentionMask(key_valid_bs=key_valid), pad),
+      "causal+padding": (layers.AttentionMask(key_valid_bs=key_valid, causal=True), causal & pad),
+  }
+  # DALL·E's sparse layers as dense masks: 64 text tokens + 8x8 codes = 128 positions
+  sparse = dalle.attention_masks(64, 8, 8, ("row", "column", "conv"), conv_kernel=3)
+  for name, m in zip(("row", "column", "conv"), sparse):
+    out[f"dalle_{name}"] = (jnp.asarray(m)[None, None], jnp.asarray(m)[None, None])
+  assert all(v[1].shape[-1] == t and v[1].shape[0] in (1, b) for v in out.values())
+  return out
+
+
+MASKS = _attention_masks()
+
+
+@pytest.mark.parametrize("impl,mask_name", [
+    ("dot_product_attention", name) for name in MASKS] + [
+    ("splash", name) for name in ("causal", "causal+padding")])
+def test_attention_implementations_equal_todays_path(impl, mask_name):
+  """Every implementation available on CPU against the xla path (the one the
+  models have always used, given the dense mask): outputs and gradients."""
+  mask, dense = MASKS[mask_name]
+  q, k, v = (_rand(i, (2, 128, 2, 16)) for i in range(3))
+  w = _rand(9, (2, 128, 2, 16))
+  loss = lambda impl, m: lambda q, k, v: jnp.sum(
+      w * layers.dot_product_attention(q, k, v, m, jnp.float32, impl=impl))
+  want, want_g = jax.jit(jax.value_and_grad(loss("xla", dense), (0, 1, 2)))(q, k, v)
+  got, got_g = jax.jit(jax.value_and_grad(loss(impl, mask), (0, 1, 2)))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  for g, r in zip(got_g, want_g):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_mask_parts_equal_the_dense_mask_on_the_xla_path():
+  mask, dense = MASKS["causal+padding"]
+  q, k, v = (_rand(i, (2, 128, 2, 16)) for i in range(3))
+  f = lambda m: layers.dot_product_attention(q, k, v, m, jnp.bfloat16, impl="xla")
+  np.testing.assert_array_equal(np.asarray(f(mask), np.float32), np.asarray(f(dense), np.float32))
+
+
+def test_attention_impl_is_chosen_by_config_and_checked():
+  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  q = _rand(0, (4, 128, 2, 16))  # 4 rows: split over data x fsdp
+  causal = layers.AttentionMask(causal=True)
+  jaxpr = lambda: str(jax.make_jaxpr(
+      lambda q: layers.dot_product_attention(q, q, q, causal, jnp.float32))(q))
+  assert "custom_vjp_call" in jaxpr() and "pallas_call" not in jaxpr()  # CPU default: xla
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  for impl in ("splash", "dot_product_attention"):
+    config = ml_collections.ConfigDict(dict(logical_axis_rules=common_rules(),
+                                            attention_impl=impl))
+    with parallel.mesh_context(mesh, config):
+      text = jaxpr()
+    if impl == "splash":  # under a mesh the kernel runs per shard: rows x heads
+      assert "pallas_call" in text and "shard_map" in text
+    else:  # jax's own: plain autodiff, no custom VJP, no kernel
+      assert "custom_vjp_call" not in text and "pallas_call" not in text
+  with pytest.raises(ValueError, match="attention_impl='flash': choose auto"):
+    layers.attention_impl("flash")
+  with pytest.raises(ValueError, match="splash attention reads masks as AttentionMask"):
+    layers.dot_product_attention(q, q, q, MASKS["dalle_row"][0], jnp.float32, impl="splash")
+  with pytest.raises(ValueError, match="lengths divisible by 128, got T=100"):
+    layers.dot_product_attention(q[:, :100], q[:, :100], q[:, :100], None, jnp.float32,
+                                 impl="splash")
+  with pytest.raises(ValueError, match="'cudnn' needs a GPU"):
+    layers.dot_product_attention(q, q, q, None, jnp.float32, impl="cudnn")
+
+
+def common_rules():
+  from configs import common  # pylint: disable=g-import-not-at-top
+  return common.DEFAULT_RULES
+
+
+def test_splash_under_a_mesh_equals_unsharded():
+  """Rows over data x fsdp, heads over tensor: the kernel in shard_map per shard."""
+  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  q, k, v = (_rand(i, (4, 128, 2, 16)) for i in range(3))
+  key_valid = jnp.arange(128)[None, :] < jnp.array([[128], [90], [128], [5]])
+  mask = layers.AttentionMask(key_valid_bs=key_valid, causal=True)
+  config = ml_collections.ConfigDict(dict(logical_axis_rules=common_rules(),
+                                          attention_impl="splash"))
+  f = jax.jit(lambda q, k, v: layers.dot_product_attention(q, k, v, mask, jnp.float32))
+  with parallel.mesh_context(mesh, config):
+    got = f(q, k, v)
+  want = layers.dot_product_attention(q, k, v, mask.to_dense(128, 128), jnp.float32, impl="xla")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_module_takes_attention_masks_in_training_and_decoding():
+  """An AttentionMask (causal + padding parts) through layers.Attention equals its
+  dense form, and KV-cache decoding one token at a time equals the full pass."""
+  x = _rand(0, (2, 8, 16))
+  key_valid = jnp.arange(8)[None, :] < jnp.array([[8], [5]])
+  parts = layers.AttentionMask(key_valid_bs=key_valid, causal=True)
+  attn = layers.Attention(2, 8)
+  params = attn.init(jax.random.PRNGKey(0), x)
+  full = attn.apply(params, x, mask=parts)
+  np.testing.assert_allclose(full, attn.apply(params, x, mask=parts.to_dense(8, 8)), rtol=1e-6)
+  with layers.attention_impl("dot_product_attention"):
+    np.testing.assert_allclose(attn.apply(params, x, mask=parts), full, rtol=1e-5, atol=1e-6)
+  dec = layers.Attention(2, 8, decode=True)
+  cache = dec.init(jax.random.PRNGKey(0), x)["cache"]
+  step = jax.jit(lambda cache, x_b1d: dec.apply({"params": params["params"], "cache": cache},
+                                                 x_b1d, mask=parts, mutable=["cache"]))
+  steps = []
+  for i in range(8):
+    y, upd = step(cache, x[:, i:i + 1])
+    cache = upd["cache"]
+    steps.append(y)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-5, atol=1e-6)
+  both = layers.combine_masks(parts, layers.AttentionMask(dense=jnp.eye(8, dtype=bool)))
+  assert both.causal and both.key_valid_bs is key_valid
+  np.testing.assert_array_equal(both.to_dense(8, 8), parts.to_dense(8, 8) & jnp.eye(8, dtype=bool))

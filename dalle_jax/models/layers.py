@@ -5,12 +5,39 @@ Every parameter carries logical axis names (`embed`, `heads`, `kv`, `mlp`,
 mesh; key activations are constrained with `batch`/`length`/`embed` names.
 Used by the autoregressive models (DALL·E, DALL·E mini) and CLIP alike.
 
+Attention implementations (`attention_impl(name)` context, set from
+`config.attention_impl` by `parallel.mesh_context`; or `impl=` per call):
+
+  xla                    ours: (B, H, T, S) logits in f32, probabilities kept in the
+                         compute dtype, hand-written backward pass. Any mask. The
+                         default on CPU (fastest there, see benchmarks/bench_attention.py)
+                         and for KV-cache decoding everywhere.
+  dot_product_attention  jax.nn.dot_product_attention, XLA implementation: same
+                         maths, jax's autodiff. Any mask.
+  cudnn                  jax.nn.dot_product_attention(implementation="cudnn"): cuDNN
+                         flash attention on NVIDIA GPUs (bf16/f16, head dim <= 128):
+                         no (B, H, T, S) logits; causal masks skip their upper
+                         triangle; other masks become an additive (.., T, S) bias.
+  splash                 the Pallas splash-attention kernel on TPU (blocks of 128-512
+                         queries/keys, so T and S must be multiples of 128; causal
+                         and key-padding masks only, given as an AttentionMask); in
+                         shard_map over the batch / heads axes under a mesh. Off TPU
+                         it runs in Pallas interpret mode (tests only: slow).
+  auto                   TPU: splash where it applies, GPU: cudnn where cuDNN accepts
+                         the call, else xla.
+
+Fused kernels read `AttentionMask(causal=..., key_valid_bs=...)` without a dense
+(T, S) array; a plain bool mask works everywhere but splash. Block-sparse
+patterns (objects with `attend`) keep their own kernel.
+
 Shapes: B batch, T query length, S key length, D model width, H heads,
 K head dim, F MLP width, L layers.
 """
 import functools
+import logging
 from typing import Any, Callable, Optional, Sequence
 
+from flax import struct
 import flax.linen as nn
 from flax.linen import dtypes as flax_dtypes
 import jax
@@ -319,7 +346,189 @@ def banded_block_attention(q_bqthk, k_bqshk, v_bqshk, prefix_blocks, offsets, ma
   return out_f32.astype(dtype)
 
 
-def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
+# --- attention implementations -----------------------------------------------------
+
+ATTENTION_IMPLS = ("auto", "xla", "dot_product_attention", "cudnn", "splash")
+_attention_impls = ["auto"]  # innermost attention_impl context last
+
+
+def check_attention_impl(name):
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={name!r}: choose {' | '.join(ATTENTION_IMPLS)}")
+  return name
+
+
+class attention_impl:
+  """`with attention_impl("cudnn"):` — the implementation full attention uses while
+  tracing inside (see the module docstring); contexts nest."""
+
+  def __init__(self, name):
+    self.name = check_attention_impl(name)
+
+  def __enter__(self):
+    _attention_impls.append(self.name)
+    return self
+
+  def __exit__(self, *exc):
+    _attention_impls.pop()
+
+
+@struct.dataclass
+class AttentionMask:
+  """A mask in the parts fused kernels read natively, ANDed together:
+  `causal` (key j <= query i + S - T), `key_valid_bs` (B, S) bool (False =
+  padding key) and `dense`, any bool array broadcastable to (B, H, T, S)."""
+  key_valid_bs: Any = None
+  dense: Any = None
+  causal: bool = struct.field(pytree_node=False, default=False)
+
+  def to_dense(self, t, s):
+    """The whole mask as one bool array broadcastable to (B, H, T, S), or None."""
+    m = causal_mask(t, s)[None, None] if self.causal else None
+    for part in (None if self.key_valid_bs is None else self.key_valid_bs[:, None, None, :],
+                 self.dense):
+      if part is not None:
+        m = part if m is None else jnp.logical_and(m, part)
+    return m
+
+  def without_causal(self):
+    """The non-causal parts (a KV cache supplies causality itself), dense, or None."""
+    return AttentionMask(self.key_valid_bs, self.dense).to_dense(1, 1)
+
+
+def _and(a, b):
+  return b if a is None else a if b is None else jnp.logical_and(a, b)
+
+
+def combine_masks(a, b):
+  """a AND b for bool arrays / AttentionMasks / None (AttentionMasks stay parts)."""
+  if not isinstance(a, AttentionMask):
+    a, b = b, a
+  if isinstance(a, AttentionMask):
+    if isinstance(b, AttentionMask):
+      return AttentionMask(_and(a.key_valid_bs, b.key_valid_bs), _and(a.dense, b.dense),
+                           causal=a.causal or b.causal)
+    return a.replace(dense=_and(a.dense, b))
+  return _and(a, b)
+
+
+def _dense_mask(mask, t, s):
+  return mask.to_dense(t, s) if isinstance(mask, AttentionMask) else mask
+
+
+_logged_fallbacks = set()
+
+
+def _log_once(msg):
+  if msg not in _logged_fallbacks:
+    _logged_fallbacks.add(msg)
+    logging.info(msg)
+
+
+def _jax_attention(q_bthk, k_bshk, v_bshk, mask, dtype, implementation):
+  """jax.nn.dot_product_attention in `dtype` (inputs pre-scaled: scale=1)."""
+  t, s = q_bthk.shape[1], k_bshk.shape[1]
+  causal, dense = False, mask
+  if isinstance(mask, AttentionMask):
+    causal, dense = mask.causal, AttentionMask(mask.key_valid_bs, mask.dense).to_dense(t, s)
+    if causal and t != s:  # jax's is_causal is the T == S triangle: spell the offset out
+      causal, dense = False, mask.to_dense(t, s)
+  if dense is not None:
+    dense = jnp.broadcast_to(dense, jnp.broadcast_shapes(dense.shape, (1, 1, t, s)))
+  cast = lambda x: x.astype(dtype)
+  return jax.nn.dot_product_attention(
+      cast(q_bthk), cast(k_bshk), cast(v_bshk), mask=dense, scale=1.0, is_causal=causal,
+      implementation=implementation).astype(dtype)
+
+
+def _splash_blocks(t, s):
+  """Splash block sizes for lengths t, s (multiples of 128), or None."""
+  pick = lambda n: next((b for b in (512, 256, 128) if n % b == 0), None)
+  bq, bkv = pick(t), pick(s)
+  if bq is None or bkv is None:
+    return None
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+  return sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                       block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                       block_kv_dq=bkv)
+
+
+def _splash_refusal(t, s, mask):
+  """Why splash cannot run this call (a sentence), or None."""
+  if mask is not None and not (isinstance(mask, AttentionMask) and mask.dense is None):
+    return ("splash attention reads masks as AttentionMask(causal=..., key_valid_bs=...) "
+            "only; this layer passes a dense mask")
+  if _splash_blocks(t, s) is None:
+    return f"splash attention needs lengths divisible by 128, got T={t}, S={s}"
+  return None
+
+
+def _splash_attention(q_bthk, k_bshk, v_bshk, mask, dtype):
+  """The Pallas TPU splash kernel (interpret mode off TPU), per example and head;
+  inside shard_map over the batch / heads mesh axes when a mesh is active."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # pylint: disable=g-import-not-at-top
+  t, s = q_bthk.shape[1], k_bshk.shape[1]
+  refusal = _splash_refusal(t, s, mask)
+  if refusal:
+    raise ValueError(f"attention_impl='splash': {refusal}")
+  causal = mask is not None and mask.causal
+  key_valid = None if mask is None else mask.key_valid_bs
+  interpret = jax.default_backend() != "tpu"
+
+  def local(q_bthk, k_bshk, v_bshk, key_valid_bs):
+    h = q_bthk.shape[2]
+    base = sm.CausalMask((t, s), offset=s - t) if causal else sm.FullMask((t, s))
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([base] * h), head_shards=1, q_seq_shards=1,
+                                block_sizes=_splash_blocks(t, s), interpret=interpret)
+    heads = lambda x: jnp.swapaxes(x.astype(dtype), 1, 2)  # (B, H, T, K)
+    if key_valid_bs is None:
+      out = jax.vmap(kernel)(heads(q_bthk), heads(k_bshk), heads(v_bshk))
+    else:  # padding keys in segment 0, every query in segment 1
+      seg = jax.vmap(lambda kv: sk.SegmentIds(q=jnp.ones((t,), jnp.int32), kv=kv))(
+          key_valid_bs.astype(jnp.int32))
+      out = jax.vmap(kernel)(heads(q_bthk), heads(k_bshk), heads(v_bshk), segment_ids=seg)
+    return jnp.swapaxes(out, 1, 2).astype(dtype)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or all(n == 1 for n in mesh.shape.values()):
+    return local(q_bthk, k_bshk, v_bshk, key_valid)
+  # A Pallas call is not partitioned by XLA: split it by hand, rows over the batch
+  # axes and heads over 'tensor' (the activations' own logical layout).
+  spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+  b_axes, h_axes = spec[0], spec[2]
+  qkv = jax.sharding.PartitionSpec(b_axes, None, h_axes, None)
+  kvm = jax.sharding.PartitionSpec(b_axes, None)
+  # check_vma off: the kernel's pallas_calls do not declare how outputs vary over the mesh
+  if key_valid is None:
+    fn = lambda q, k, v: local(q, k, v, None)
+    return jax.shard_map(fn, in_specs=(qkv,) * 3, out_specs=qkv, check_vma=False)(
+        q_bthk, k_bshk, v_bshk)
+  return jax.shard_map(local, in_specs=(qkv,) * 3 + (kvm,), out_specs=qkv, check_vma=False)(
+      q_bthk, k_bshk, v_bshk, key_valid)
+
+
+def _resolve_impl(impl, q_bthk, k_bshk, mask, dtype):
+  """(implementation, whether it was asked for by name) for one call."""
+  backend = jax.default_backend()
+  if impl != "auto":
+    if impl == "cudnn" and backend != "gpu":
+      raise ValueError(f"attention_impl='cudnn' needs a GPU; the backend is {backend}")
+    return impl, True
+  if backend == "tpu":
+    refusal = _splash_refusal(q_bthk.shape[1], k_bshk.shape[1], mask)
+    if refusal is None:
+      return "splash", False
+    _log_once(f"attention_impl=auto: xla attention ({refusal})")
+  if backend == "gpu":
+    if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and q_bthk.shape[-1] <= 128:
+      return "cudnn", False  # xla if cuDNN refuses the call's shapes
+    _log_once(f"attention_impl=auto: xla attention (cuDNN needs bf16/f16 and head dim <= 128, "
+              f"got {jnp.dtype(dtype).name}, {q_bthk.shape[-1]})")
+  return "xla", False
+
+
+def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk", impl=None):
   """softmax(q k^T / sqrt(K)) v per head -> (B, T, H, K); logits, softmax in f32.
 
   k, v: (B, S, H, K) ("bshk", training) or heads-major (B, H, S, K) ("bhsk", the
@@ -328,21 +537,39 @@ def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk"):
   and layer). Training keeps "bshk": its backward contractions are the forms
   XLA:CPU runs fast in bf16 (some mixed-layout ones have no bf16 -> f32 kernel),
   and its hand-written backward pass keeps the probabilities in `dtype`.
-  mask: bool broadcastable to (B, H, T, S), True = may attend, or None; or an
-  object with `attend(q, k, v, dtype)` (a block-sparse pattern, training layout).
+  mask: bool broadcastable to (B, H, T, S), True = may attend, an AttentionMask,
+  or None; or an object with `attend(q, k, v, dtype)` (a block-sparse pattern,
+  training layout). impl: one of ATTENTION_IMPLS (None: the innermost
+  attention_impl context, "auto" outside any); "bhsk" always runs "xla".
   """
   if kv_layout not in ("bshk", "bhsk"):
     raise ValueError(f"kv_layout={kv_layout!r}: expected 'bshk' or 'bhsk'")
   if hasattr(mask, "attend"):  # a structured sparse pattern computes only its blocks
     return mask.attend(q_bthk, k, v, jnp.dtype(dtype))
   q_bthk = q_bthk * jnp.asarray(q_bthk.shape[-1] ** -0.5, q_bthk.dtype)
-  if kv_layout == "bshk":
-    return _attention_core(q_bthk, k, v, mask, jnp.dtype(dtype))
-  logits_bhts = mixed_einsum("bthk,bhsk->bhts", q_bthk, k, dtype, jnp.float32)
-  if mask is not None:
-    logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
-  probs_bhts = jax.nn.softmax(logits_bhts, axis=-1)
-  return mixed_einsum("bhts,bhsk->bthk", probs_bhts, v, dtype)
+  t, s = q_bthk.shape[1], k.shape[1 if kv_layout == "bshk" else 2]
+  if kv_layout == "bhsk":
+    mask = _dense_mask(mask, t, s)
+    logits_bhts = mixed_einsum("bthk,bhsk->bhts", q_bthk, k, dtype, jnp.float32)
+    if mask is not None:
+      logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
+    probs_bhts = jax.nn.softmax(logits_bhts, axis=-1)
+    return mixed_einsum("bhts,bhsk->bthk", probs_bhts, v, dtype)
+  impl, named = _resolve_impl(check_attention_impl(impl or _attention_impls[-1]), q_bthk, k, mask,
+                              dtype)
+  if impl == "cudnn":
+    try:
+      return _jax_attention(q_bthk, k, v, mask, jnp.dtype(dtype), "cudnn")
+    except (NotImplementedError, ValueError) as e:  # cuDNN refuses these shapes / dtypes
+      if named:
+        raise
+      _log_once(f"attention_impl=auto: xla attention (cuDNN refused: {e})")
+      impl = "xla"
+  if impl == "dot_product_attention":
+    return _jax_attention(q_bthk, k, v, mask, jnp.dtype(dtype), "xla")
+  if impl == "splash":
+    return _splash_attention(q_bthk, k, v, mask, jnp.dtype(dtype))
+  return _attention_core(q_bthk, k, v, _dense_mask(mask, t, s), jnp.dtype(dtype))
 
 
 class Attention(nn.Module):
@@ -386,6 +613,8 @@ class Attention(nn.Module):
       if hasattr(mask, "select_keys"):  # a sparse pattern's keys gathered from the cache
         k, v, mask = mask.select_keys(k, v)
       elif cache_mask is not None:
+        if isinstance(mask, AttentionMask):  # the cache mask below is the causal part
+          mask = mask.without_causal()
         if mask is not None:  # a pattern over the whole stream; the cache may hold less
           mask = jnp.logical_and(mask[..., :cache_mask.shape[-1]], cache_mask)
         else:
@@ -474,8 +703,7 @@ class PreLNBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd, mask=None, layer_mask=None):
-    if layer_mask is not None:
-      mask = layer_mask if mask is None else jnp.logical_and(mask, layer_mask)
+    mask = combine_masks(mask, layer_mask)
     ln = lambda name: LayerNorm(name, epsilon=self.ln_epsilon, param_dtype=self.param_dtype)
     h = ln("ln_attn")(x_btd).astype(self.dtype)
     x_btd = x_btd + Attention(self.num_heads, self.head_dim, use_bias=self.use_bias,
