@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import threading
 
 import numpy as np
 
@@ -221,9 +222,9 @@ def _write_bytes_atomic(path, data):
   from etils import epath  # pylint: disable=g-import-not-at-top
   p = epath.Path(path)
   p.parent.mkdir(parents=True, exist_ok=True)
-  # Unique temp name + rename: concurrent processes training the same
-  # (deterministic) model never see a half-written file.
-  tmp = p.parent / f".{p.name}.tmp{os.getpid()}"
+  # Unique temp name + rename: concurrent processes (or the pipeline's read
+  # threads) training the same deterministic model never see a half-written file.
+  tmp = p.parent / f".{p.name}.tmp{os.getpid()}-{threading.get_ident()}"
   tmp.write_bytes(data)
   tmp.replace(p)
 
