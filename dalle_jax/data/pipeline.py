@@ -7,8 +7,9 @@
   it = prefetch_to_device(it, mesh)  # global jax.Arrays, placed ahead by a thread
 
 Throughput (config.data): `read_threads` batches are assembled concurrently
-(decoding and resizing release the GIL), up to `prefetch` batches ahead;
-`num_workers` > 0 moves that into worker processes. With `image_dtype =
+(decoding and resizing release the GIL), up to `prefetch` batches ahead (so
+at most min(read_threads, prefetch) at once); `num_workers` > 0 moves that
+into worker processes, each with those threads and that buffer. With `image_dtype =
 "uint8"` images stay uint8 (a quarter of the bytes to copy and transfer) and
 the jitted step scales them with `normalize_images`. None of these changes
 which examples a batch holds, nor (once normalised) its values.
