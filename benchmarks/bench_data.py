@@ -16,7 +16,9 @@
 2. CLIP vit_b32 geometry, pipeline only: 224 px crops of 320x256 JPEGs (the
    size tools.build_dataset image_text_folder stores at its default 256 px),
    at --vit_batch examples per host (the preset's global 4096 over 8 hosts)
-   in float32 and uint8 and with worker processes: what one host delivers.
+   in float32 and uint8 and with worker processes: what one host delivers;
+   and the time to place one such batch on this host's devices
+   (parallel.shard_batch), float32 vs uint8.
 
 Rates: the first 1 + prefetch batches are untimed (start-up, and batches read
 ahead while it ran), then --windows runs of --batches batches are timed and
@@ -188,11 +190,28 @@ def bench_vit(args):
   common.print_table(rows, ["setting", "ex/s", "ex/s per core", "MiB per batch"],
                      title=f"CLIP vit_b32 geometry: {data.image_size} px crops of 320x256 "
                            f"JPEGs, {b} per host, {cores} cores")
+  bench_transfer(b, int(data.image_size))
   best = max(rates, key=rates.get)
   common.ratio_line(f"vit_b32 pipeline: best ({best}) vs 1 thread float32", rates[best],
                     rates["1 thread, float32"], ours_label="best", theirs_label="before",
                     fmt=rate, lower_is_better=False)
   return rates
+
+
+def bench_transfer(batch, size):
+  """Host -> device placement of one image batch (parallel.shard_batch), float32 vs uint8."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  u8 = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), np.uint8)
+  times = {}
+  for name, x in (("float32", (u8 / 127.5 - 1).astype(np.float32)), ("uint8", u8)):
+    times[name] = common.timeit(lambda x=x: parallel.shard_batch({"image": x}, mesh),
+                                reps=3, stat=min)
+  common.ratio_line(f"image batch to device ({batch}x{size}x{size}x3, "
+                    f"{parallel.batch_axis_size(mesh)} device(s)): uint8 vs float32",
+                    times["uint8"], times["float32"], ours_label="uint8",
+                    theirs_label="float32")
 
 
 def main(argv=None):
