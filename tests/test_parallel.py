@@ -57,6 +57,20 @@ def test_pod_presets_divide_params_and_optimizer_state_by_every_device(family, p
     assert int(np.prod(s.shard_shape(a.shape))) * n == a.size, (a.shape, s.spec)
 
 
+def test_clip_vit_l14_beyond_256_devices_with_the_documented_2d_mesh():
+  """configs/clip.py: widths 768 = 2^8 * 3 cap 'fsdp' at 256; the preset's 2-D rules
+  then split the weights over 'data' as well (--config.mesh.fsdp=256 --config.mesh.data=-1)."""
+  from configs import clip as clip_cfg  # pylint: disable=g-import-not-at-top
+  config = clip_cfg.get_config("vit_l14")
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=256, tensor=1))
+  abstract, shardings = _pod_state(config, 512)
+  big = [(a, s) for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+         if _nbytes(a) >= 4 << 20]
+  assert len(big) >= 3 * 24 * 4  # ViT-L/14: 24 vision blocks' weights x params, mu, nu
+  for a, s in big:
+    assert int(np.prod(s.shard_shape(a.shape))) * 512 == a.size, (a.shape, s.spec)
+
+
 @pytest.mark.parametrize("mesh,match", [
     # the paper preset's former mesh: fsdp over all 256 devices, d_model 3968 = 2^7 * 31
     (dict(data=1, fsdp=-1, tensor=1),
