@@ -68,7 +68,9 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, bin_half_width=1.0 /
   lower = inv_std * (x - mean - bin_half_width)
   log_cdf_upper = log_ndtr(upper)
   log_sf_lower = log_ndtr(-lower)
-  log_mass = jnp.log(jnp.maximum(ndtr(upper) - ndtr(lower), 1e-12))
+  # the bin's mass from the nearer tail: 1 - 1 cancels in float32 beyond ~5 sigma
+  mass = jnp.where(lower > 0, ndtr(-lower) - ndtr(-upper), ndtr(upper) - ndtr(lower))
+  log_mass = jnp.log(jnp.maximum(mass, 1e-12))
   return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, log_mass))
 
 

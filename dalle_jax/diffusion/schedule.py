@@ -24,18 +24,17 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp")
 # scheduler_config.json keys that configure a diffusers scheduler class rather than
 # the chain the model was trained on; `--sampler` decides these here.
 _IGNORED_KEYS = {
-    "_class_name", "_diffusers_version",
     # DPM-Solver: `dpmpp` is always DPM-Solver++(2M), midpoint form (diffusers' defaults).
     "solver_order", "algorithm_type", "solver_type",
     # UnCLIPScheduler / PNDM / Euler bookkeeping without an effect on these samplers.
     "skip_prk_steps", "set_alpha_to_one_for_prk", "timestep_type", "interpolation_type",
-    "use_dynamic_shifting", "time_shift_type", "flow_shift",
+    "use_dynamic_shifting", "time_shift_type", "flow_shift", "predict_x0", "disable_corrector", "solver_p",
 }
 # Keys accepted only at the value that keeps the chain a plain discrete VP chain.
 _REQUIRED_DEFAULTS = {
     "trained_betas": None, "rescale_betas_zero_snr": False, "use_karras_sigmas": False,
     "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-    "use_flow_sigmas": False, "sigma_min": None, "sigma_max": None,
+    "use_flow_sigmas": False, "sigma_min": None, "sigma_max": None, "shift_terminal": None,
 }
 
 
@@ -96,7 +95,7 @@ class SchedulerConfig:
         if value not in (None, False):
           raise ValueError(f"scheduler config: {key}={value!r} is not supported "
                            f"(only {_REQUIRED_DEFAULTS[key]!r})")
-      elif key not in _IGNORED_KEYS:
+      elif key not in _IGNORED_KEYS and not key.startswith("_"):  # _class_name, _diffusers_version, ...
         raise ValueError(f"scheduler config: unknown key {key!r}")
     return cls(**kw)
 
