@@ -560,7 +560,7 @@ def dot_product_attention(q_bthk, k, v, mask, dtype, kv_layout="bshk", impl=None
   if impl == "cudnn":
     try:
       return _jax_attention(q_bthk, k, v, mask, jnp.dtype(dtype), "cudnn")
-    except (NotImplementedError, ValueError) as e:  # cuDNN refuses these shapes / dtypes
+    except (NotImplementedError, ValueError, RuntimeError) as e:  # cuDNN refuses the call
       if named:
         raise
       _log_once(f"attention_impl=auto: xla attention (cuDNN refused: {e})")
