@@ -384,12 +384,9 @@ class AttentionMask:
 
   def to_dense(self, t, s):
     """The whole mask as one bool array broadcastable to (B, H, T, S), or None."""
-    m = causal_mask(t, s)[None, None] if self.causal else None
-    for part in (None if self.key_valid_bs is None else self.key_valid_bs[:, None, None, :],
-                 self.dense):
-      if part is not None:
-        m = part if m is None else jnp.logical_and(m, part)
-    return m
+    causal = causal_mask(t, s)[None, None] if self.causal else None
+    keys = None if self.key_valid_bs is None else self.key_valid_bs[:, None, None, :]
+    return _and(_and(causal, keys), self.dense)
 
   def without_causal(self):
     """The non-causal parts (a KV cache supplies causality itself), dense, or None."""
@@ -496,7 +493,9 @@ def _splash_attention(q_bthk, k_bshk, v_bshk, mask, dtype):
   # A Pallas call is not partitioned by XLA: split it by hand, rows over the batch
   # axes and heads over 'tensor' (the activations' own logical layout).
   spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
-  b_axes, h_axes = spec[0], spec[2]
+  present = lambda axes: (None if axes is None else tuple(
+      a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.shape) or None)
+  b_axes, h_axes = present(spec[0]), present(spec[2])
   qkv = jax.sharding.PartitionSpec(b_axes, None, h_axes, None)
   kvm = jax.sharding.PartitionSpec(b_axes, None)
   # check_vma off: the kernel's pallas_calls do not declare how outputs vary over the mesh
