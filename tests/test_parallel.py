@@ -51,6 +51,7 @@ def test_pod_presets_divide_params_and_optimizer_state_by_every_device(family, p
   per_device = sum(_nbytes(a) // a.size * int(np.prod(s.shard_shape(a.shape)))
                    for a, s in zip(leaves, specs))
   assert per_device <= 1.1 * total / n, (per_device / (total / n))
+  assert parallel.per_device_bytes(shardings, abstract) == per_device
   big = [(a, s) for a, s in zip(leaves, specs) if _nbytes(a) >= BIG]
   assert len(big) >= 6
   for a, s in big:  # each one split into exactly n pieces
