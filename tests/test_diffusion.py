@@ -47,8 +47,6 @@ def test_timesteps_equal_diffusers(sampler, spacing):
          "dpmpp": diffusers.DPMSolverMultistepScheduler}[sampler]
   for n, k, offset, kw in [(1000, 10, 1, {}), (1000, 7, 0, {}), (1000, 50, 1, {}), (1000, 1, 0, {}),
                            (100, 33, 0, {}), (1000, 20, 0, dict(beta_schedule="squaredcos_cap_v2"))]:
-    if sampler == "dpmpp" and spacing == "leading" and k == 1:
-      continue  # diffusers' DPM leading spacing at K=1 starts at t=0 (ratio T // 2 x 0): no denoising
     extra = dict(lambda_min_clipped=-5.1) if sampler == "dpmpp" and kw else {}
     cfg = SchedulerConfig(num_train_timesteps=n, timestep_spacing=spacing, steps_offset=offset, **kw, **extra)
     ref = cls(num_train_timesteps=n, timestep_spacing=spacing, steps_offset=offset, **kw, **extra)
@@ -464,3 +462,17 @@ def test_dpmpp_reproduces_gaussian_mixture():
   half_sd = math.sqrt(integrate.quad(lambda x: x * x * density(x), 0, np.inf)[0] / 0.5 - half_mean ** 2)
   pos = x0[x0 > 0]
   assert abs(pos.mean() / half_mean - 1) < 0.01 and abs(pos.std() / half_sd - 1) < 0.05, (pos.mean(), pos.std())
+
+
+def test_ddpm_fixed_large_log_uses_beta():
+  """fixed_large_log (GLIDE's "max log") samples with std sqrt(beta_t) of the respaced chain, as
+  fixed_large; diffusers' DDPM step takes sqrt(log beta_t) there (NaN), so this is checked on the
+  plan against the respaced betas from diffusers' alphas_cumprod and timesteps."""
+  cfg = SchedulerConfig(variance_type="fixed_large_log", timestep_spacing="trailing")
+  ref = diffusers.DDPMScheduler(timestep_spacing="trailing")
+  ref.set_timesteps(9)
+  ts, abar = ref.timesteps.numpy(), _ref_abar(cfg)
+  prev = np.append(abar[ts[1:]], 1.0)
+  np.testing.assert_allclose(samplers.make_plan(cfg, "ddpm", 9)["std"], np.sqrt(1 - abar[ts] / prev), rtol=2e-5)
+  np.testing.assert_array_equal(samplers.make_plan(cfg, "ddpm", 9)["std"],
+                                samplers.make_plan(cfg.replace(variance_type="fixed_large"), "ddpm", 9)["std"])

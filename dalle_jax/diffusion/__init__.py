@@ -4,6 +4,8 @@ schedule   SchedulerConfig (diffusers' scheduler_config.json), betas, respaced t
 gaussian   Diffusion: q_sample, eps/x0/v conversions, MSE / min-SNR / hybrid (learned variance) loss
 samplers   DDPM, DDIM, DPM-Solver++(2M) as one compiled loop each; thresholding
 guidance   classifier-free guidance in one batched pass; condition dropout
+
+Shapes (all modules): B batch, H height, W width, C image channels, T train timesteps, K steps.
 """
 from dalle_jax.diffusion.gaussian import Diffusion
 from dalle_jax.diffusion.guidance import classifier_free_guidance, drop_condition
