@@ -192,7 +192,10 @@ def model_config(cfg, where="config.json"):
 _MODULES = {"time_proj": "time_emb_proj", "shortcut": "conv_shortcut", "norm": "group_norm",
             "query": "to_q", "key": "to_k", "value": "to_v", "out": "to_out.0",
             "add_key": "add_k_proj", "add_value": "add_v_proj", "context_norm": "norm_cross"}
-_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+           "pos_emb": "positional_embedding"}
+_POOL = {"norm_in": "norm1", "norm_out": "norm2", "proj": "proj", "query": "pool.q_proj",
+         "key": "pool.k_proj", "value": "pool.v_proj"}
 
 
 def diffusers_name(path, n_levels):
@@ -206,6 +209,13 @@ def diffusers_name(path, n_levels):
     prefix = "conv_norm_out"
   elif top == "time_embed":
     prefix = "time_embedding." + ".".join(rest)
+    rest = []
+  elif top == "context_proj":  # UNet2DConditionModel's text projection
+    prefix = "encoder_hid_proj"
+  elif top == "context_pool":  # UNet2DConditionModel's addition_embed_type="text"
+    prefix = "add_embedding." + ".".join(_POOL[r] for r in rest) if rest else "add_embedding"
+    if parts[-1] == "pos_emb":
+      return "add_embedding.pool.positional_embedding"
     rest = []
   elif top.startswith("embed_"):  # the one diffusers class embedding
     prefix = "class_embedding" + "".join("." + r for r in rest)
@@ -303,7 +313,7 @@ def convert_weights(weights, model_cfg, where="checkpoint"):
       problems.append(f"{what} ({len(names)}): {', '.join(names[:12])}"
                       + (" ..." if len(names) > 12 else ""))
   if problems:
-    raise ConversionError(f"{where}: cannot import as UNet2DModel: " + "; ".join(problems))
+    raise ConversionError(f"{where}: cannot import the diffusers U-Net: " + "; ".join(problems))
   return {"params": _unflatten(flat)}
 
 
