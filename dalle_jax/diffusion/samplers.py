@@ -20,8 +20,7 @@ solver_order 2, midpoint) step for step, including their quirks:
 
 Shapes: B batch, H height, W width, C image channels, K steps.
 """
-import functools
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,7 @@ def static_clip(x0_bhwc, clip_range=1.0):
 
 
 def process_x0(cfg: SchedulerConfig, x0_bhwc, *, allow_clip=True):
+  """The config's x0 treatment: dynamic thresholding, else (allow_clip) static clipping, else none."""
   if cfg.thresholding:
     return dynamic_threshold(x0_bhwc, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
   if cfg.clip_sample and allow_clip:

@@ -10,7 +10,6 @@ Shapes: T num_train_timesteps, K inference steps.
 """
 import dataclasses
 import math
-from typing import Optional
 
 import numpy as np
 
