@@ -48,6 +48,13 @@ def base_config():
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.nan_policy = "stop"  # "stop" aborts naming the step; "skip" drops the update
+  # Fine-tuning: parameters from a training workdir or an imported checkpoint
+  # (tools.convert) start a fresh run (fresh optimizer, step 0). Regexes over
+  # parameter paths ("decoder/layers/.*") pick which to load ("" = all / none);
+  # the others keep their initialisation.
+  c.init_from = ""
+  c.init_from_include = ""
+  c.init_from_exclude = ""
 
   # Mesh: ordered axis sizes, one may be -1 (= all remaining devices).
   c.mesh = ml_collections.ConfigDict()
@@ -62,7 +69,7 @@ def base_config():
   # Numerics: f32 params, bf16 compute by default.
   c.dtype = "bfloat16"
   c.param_dtype = "float32"
-  c.remat = "none"  # none | full | dots (checkpoint_dots_with_no_batch_dims)
+  c.remat = "none"  # none | full | dots | save_dots (dalle_jax.models.layers.REMAT_POLICIES)
   c.scan_layers = False
   # Full attention: auto | xla | dot_product_attention | cudnn | splash (what runs
   # where: dalle_jax/models/layers.py; auto = splash on TPU, cuDNN on GPU, xla on CPU).

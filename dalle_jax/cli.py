@@ -105,5 +105,10 @@ def train_main(argv, config_flag):
   setup_logging()
   enable_compilation_cache()
   parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from dalle_jax.train import loop
-  loop.train(config_flag.value, FLAGS.workdir)
+  from dalle_jax.train import checkpoint, loop, validation
+  try:
+    loop.train(config_flag.value, FLAGS.workdir)
+  except (validation.ConfigError, checkpoint.CheckpointMismatchError,
+          checkpoint.DamagedCheckpointError, loop.NonFiniteLossError) as e:
+    # A problem with the run's inputs, not a bug: the message, no traceback.
+    raise SystemExit(f"error: {e}") from None

@@ -229,6 +229,44 @@ def test_adaptive_weight_and_gradient_separation():
   assert set(jax.tree.leaves(labels["vqgan"])) == {"generator"}
 
 
+def test_gan_trains_through_the_trainer(tmp_path):
+  """disc_weight > 0: two optimizer groups in one step. The discriminator stays
+  put until disc_start (zero gradients), then both groups update and the
+  adversarial terms are live."""
+  import json
+  import orbax.checkpoint as ocp
+  from dalle_jax.train import loop
+  c = _tiny_gan_config()
+  c.loss.disc_start = 2  # GAN terms from the third step (step index 2)
+  c.disc.norm = "batch"  # the real presets' discriminator
+  c.data.dataset, c.data.data_dir = "shapes/16px_40", str(tmp_path / "data")
+  c.mesh.data = 8
+  c.batch_size, c.total_steps, c.log_every = 8, 4, 1
+  c.checkpoint_every, c.keep_checkpoints = 1, 4  # the parameters after every step
+  c.eval_every = c.preview_every = 0
+  c.optimizer.warmup_steps = 0
+  loop.train(c, str(tmp_path / "run"))
+  params = {s: ocp.PyTreeCheckpointer().restore(str(tmp_path / "run" / "checkpoints" / str(s) / "state"))["params"]
+            for s in (1, 2, 3, 4)}
+
+  def changed(a, b, group):
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+               for x, y in zip(jax.tree.leaves(params[a][group]), jax.tree.leaves(params[b][group])))
+  assert changed(1, 2, "vqgan") > 0  # the generator learns from the start
+  assert changed(1, 2, "discriminator") == 0  # no GAN gradients before disc_start
+  assert changed(2, 3, "discriminator") > 0 and changed(3, 4, "discriminator") > 0  # then both
+  assert changed(2, 3, "vqgan") > 0 and changed(3, 4, "vqgan") > 0
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    rows = {r["step"]: r for r in map(json.loads, f)}
+  assert [rows[s]["disc_on"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
+  assert {"learning_rate_generator", "learning_rate_discriminator"} <= set(rows[4])
+  for key in ("g_loss", "d_loss", "logits_real", "logits_fake"):  # the adversarial terms move
+    assert rows[3][key] != rows[4][key], key
+  assert all(np.isfinite(rows[s]["d_weight"]) and rows[s]["d_weight"] > 0 for s in (3, 4))
+  # the GAN terms are in the loss from step 3 on
+  assert rows[3]["loss"] != pytest.approx(rows[3]["nll_loss"] + rows[3]["vq_loss"], rel=1e-4)
+
+
 # --- LPIPS -------------------------------------------------------------------------------
 
 def test_lpips_weights_and_config_errors(tmp_path):

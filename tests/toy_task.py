@@ -3,17 +3,19 @@
 Data is a pure function of the example index, so iterator state is one integer
 and every process can compute its own rows of any global batch.
 """
+import os
+import signal
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from configs.common import base_config
+from dalle_jax import parallel
 from dalle_jax.models import layers
-from dalle_jax.tasks.base import Task
+from dalle_jax.tasks.base import Task, to_uint8
 
 DIM = 32
 
@@ -34,6 +36,13 @@ def get_config(arg=None):
   c.model.hidden = 64
   c.model.poison_step = -1  # feed NaN inputs at this step (NaN tests)
   c.model.step_sleep = 0.0  # seconds per batch, so subprocess tests can kill mid-run
+  # Preemption tests: the process sends itself SIGTERM while the trainer saves
+  # this step (reading the iterator's state), only in process `sigterm_process`.
+  c.model.sigterm_on_save_step = -1
+  c.model.sigterm_process = 0
+  # Slow devices: each step also runs this many 256x256 matmuls (no host
+  # callback: those make CPU dispatch synchronous).
+  c.model.device_work = 0
   return c
 
 
@@ -54,8 +63,9 @@ def example(i):
 
 
 class ToyIterator:
-  def __init__(self, batch_size, start, poison_step=-1, sleep=0.0):
+  def __init__(self, batch_size, start, poison_step=-1, sleep=0.0, sigterm_on_save_step=-1):
     self.batch_size, self.index, self.poison_step, self.sleep = batch_size, start, poison_step, sleep
+    self.sigterm_on_save_step = sigterm_on_save_step
     self.pid, self.nproc = jax.process_index(), jax.process_count()
 
   def __next__(self):
@@ -71,6 +81,8 @@ class ToyIterator:
     return {"x": x, "y": np.stack(ys)}
 
   def get_state(self):
+    if self.sigterm_on_save_step >= 0 and self.index == self.sigterm_on_save_step * self.batch_size:
+      os.kill(os.getpid(), signal.SIGTERM)
     return {"index": self.index}
 
   def set_state(self, s):
@@ -82,9 +94,11 @@ class ToyTask(Task):
 
   def make_iterator(self, split, batch_size, *, shuffle=True, repeat=True):
     start = 0 if split == "train" else 10 ** 6
-    train = split == "train"
-    return ToyIterator(batch_size, start, self.config.model.poison_step if train else -1,
-                       self.config.model.step_sleep if train else 0.0)
+    m = self.config.model
+    if split != "train":
+      return ToyIterator(batch_size, start)
+    sigterm = m.sigterm_on_save_step if jax.process_index() == m.sigterm_process else -1
+    return ToyIterator(batch_size, start, m.poison_step, m.step_sleep, sigterm)
 
   def dummy_batch(self, batch_size):
     return {"x": np.zeros((batch_size, DIM), np.float32), "y": np.zeros((batch_size, DIM), np.float32)}
@@ -98,7 +112,18 @@ class ToyTask(Task):
   def loss_fn(self, params, model_state, batch, rng, step):
     pred = self.model().apply({"params": params}, batch["x"])
     loss = jnp.mean(jnp.square(pred - batch["y"]))
+    if self.config.model.device_work:  # + 0 * (busy work the loss waits for)
+      a = jnp.full((256, 256), 1e-3) + batch["x"][0, 0]
+      a = jax.lax.fori_loop(0, self.config.model.device_work, lambda _, a: jnp.tanh(a @ a), a)
+      loss = loss + 0.0 * a[0, 0]
     return loss, ({"mae": jnp.mean(jnp.abs(pred - batch["y"]))}, model_state)
+
+  def preview(self, params, model_state, batch, rng):
+    """Predictions for the first 8 eval rows as an (8, 32, 3) image: global
+    arrays in (a sharded batch), host uint8 out on every process."""
+    pred = jax.jit(lambda p, x: jnp.tanh(self.model().apply({"params": p}, x[:8])))(
+        params, batch["x"])
+    return {"pred": np.repeat(to_uint8(parallel.to_host(pred))[..., None], 3, -1)}
 
 
 TASK = ToyTask

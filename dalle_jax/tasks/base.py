@@ -35,7 +35,9 @@ class Task:
   name = "task"
 
   def __init__(self, config: ml_collections.ConfigDict):
-    self.config = config
+    # A copy: values a task resolves (e.g. vocabulary sizes from the data) land
+    # here and in the recorded config.json, never in the caller's locked config.
+    self.config = config.copy_and_resolve_references()
 
   # --- data -----------------------------------------------------------------
   def preprocess(self, example):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from dalle_jax import parallel
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.tasks import base
 
@@ -227,12 +228,22 @@ class ClipTask(base.Task):
     loss, metrics = self._forward(params, batch, rng, train=False)
     return dict(metrics, loss=loss)
 
+  @functools.cached_property
+  def _similarity(self):
+    """jitted (params, image, text_ids, text_mask) -> (n, n) cosine similarities
+    of the first n = min(16, B) pairs."""
+    def similarity(params, image, text_ids, text_mask):
+      n = min(16, image.shape[0])
+      out = self.model.apply({"params": params}, image[:n], text_ids[:n], text_mask[:n])
+      return jnp.einsum("ie,je->ij", out["image"], out["text"], preferred_element_type=jnp.float32)
+    return jax.jit(similarity)
+
   def preview(self, params, model_state, batch, rng):
-    """Cosine-similarity matrix of up to 16 eval pairs (diagonal bright = aligned)."""
-    n = min(16, len(batch["image"]))
-    b = {k: np.asarray(v)[:n] for k, v in batch.items() if k in ("image", "text_ids", "text_mask")}
-    out = jax.jit(self.model.apply)({"params": params}, b["image"], b["text_ids"], b["text_mask"])
-    sim = np.asarray(out["image"]) @ np.asarray(out["text"]).T  # (n, n) in [-1, 1]
+    """Cosine-similarity matrix of up to 16 eval pairs (diagonal bright = aligned);
+    the batch and parameters may be sharded over processes."""
+    sim = parallel.to_host(self._similarity(params, batch["image"], batch["text_ids"],
+                                            batch["text_mask"]))  # (n, n) in [-1, 1]
+    n = sim.shape[0]
     heat = np.clip((sim + 1) * 127.5, 0, 255).astype(np.uint8)
     cell = max(1, 256 // n)
     heat = np.repeat(np.repeat(heat, cell, 0), cell, 1)

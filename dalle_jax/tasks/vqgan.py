@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dalle_jax import parallel
 from dalle_jax.models import discriminator as disc_lib
 from dalle_jax.models import layers
 from dalle_jax.models.lpips import LPIPS, load_lpips_params
@@ -273,10 +274,14 @@ class VQGANTask(base.Task):
             "codebook_usage": aux["codebook_usage"], "perplexity": aux["perplexity"]}
 
   def preview(self, params, model_state, batch, rng):
-    n = min(int(self.config.get("num_preview", 8)), len(batch["image"]))
-    x = np.asarray(batch["image"][:n], np.float32)
+    """(image, reconstruction) pairs of the first num_preview eval images; the
+    batch and parameters may be sharded over processes, the grid comes back
+    whole on every process."""
+    n = min(int(self.config.get("num_preview", 8)), batch["image"].shape[0])
+    x = batch["image"][:n]
     variables = {"params": params, **({"vq_ema": model_state["vq_ema"]} if self.use_ema else {})}
     recon, _ = reconstruct(self.config, variables, x)
+    x, recon = parallel.to_host(x), parallel.to_host(recon)
     pairs = np.stack([base.to_uint8(x), base.to_uint8(recon)], axis=1).reshape((2 * n,) + x.shape[1:])
     return {"reconstructions": base.image_grid(pairs, ncols=2 * min(4, n))}
 

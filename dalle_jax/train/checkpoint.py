@@ -9,6 +9,7 @@ WORKDIR/checkpoints/<step>/. An imported checkpoint (public weights converted by
 import json
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -19,6 +20,10 @@ import orbax.checkpoint as ocp
 
 class CheckpointMismatchError(ValueError):
   pass
+
+
+class DamagedCheckpointError(RuntimeError):
+  """Every checkpoint of a workdir failed to read back."""
 
 
 def _keystr(path):
@@ -69,12 +74,12 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state, data_state, force=False):
-    saved = self.manager.save(
+  def save(self, step, state, data_state):
+    """Saves `step` (the caller decides when; a step already saved is an error)."""
+    return self.manager.save(
         int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            data=ocp.args.JsonSave(data_state or {})),
-        force=force)
-    return saved
+        force=True)
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -83,9 +88,11 @@ class Checkpointer:
     """Newest step that reads back; damaged ones are reported and skipped.
 
     Returns (step, state, data_state) or (None, None, None) when there is none.
-    A config/checkpoint mismatch is raised, never skipped.
+    A config/checkpoint mismatch is raised, never skipped; so is a workdir whose
+    checkpoints are all damaged (starting afresh would silently discard them).
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
+    damaged = []
     for step in steps:
       where = os.path.join(self.directory, str(step))
       try:
@@ -93,9 +100,11 @@ class Checkpointer:
         state_meta = meta["state"] if meta is not None and "state" in meta else None
       except Exception as e:  # unreadable metadata = damaged checkpoint
         logging.error("checkpoint %s is damaged (%s); trying the previous one", where, e)
+        damaged.append(step)
         continue
       if state_meta is None:
         logging.error("checkpoint %s has no readable state; trying the previous one", where)
+        damaged.append(step)
         continue
       check_compatible(state_meta, abstract_state, where)
       try:
@@ -104,8 +113,14 @@ class Checkpointer:
       except Exception as e:
         logging.error("checkpoint %s could not be restored (%s: %s); trying the previous one",
                       where, type(e).__name__, str(e)[:300])
+        damaged.append(step)
         continue
       return step, restored["state"], restored["data"]
+    if damaged:
+      raise DamagedCheckpointError(
+          f"all {len(damaged)} checkpoints in {self.directory} are damaged (steps "
+          f"{', '.join(map(str, sorted(damaged)))}; details logged above): move them away to "
+          f"start afresh, or restore a backup")
     return None, None, None
 
   def close(self):
@@ -218,6 +233,79 @@ def load_model(path, use_ema=True, params_target=None):
     logging.info("loaded %s step %d%s", path, step, " (EMA params)" if key == "ema_params" else "")
     return config, variables
   raise RuntimeError(f"{path}: no readable checkpoint ({last_error})")
+
+
+def _newest_params(path, use_ema=True):
+  """(directory, key) of the saved tree holding a model's parameters: an imported
+  checkpoint's variables/ ('params'), or a workdir's newest checkpoint whose
+  metadata reads back ('ema_params' when the run kept them and use_ema)."""
+  if os.path.isdir(os.path.join(path, "variables")):
+    return os.path.join(path, "variables"), "params"
+  ckpt_root = os.path.join(path, "checkpoints")
+  steps = sorted((int(d) for d in os.listdir(ckpt_root) if d.isdigit()), reverse=True) \
+      if os.path.isdir(ckpt_root) else []
+  if not steps:
+    raise FileNotFoundError(f"{path}: training workdir without checkpoints under {ckpt_root}")
+  for step in steps:
+    directory = os.path.join(ckpt_root, str(step), "state")
+    try:
+      saved = _item_metadata(directory)
+    except Exception as e:  # damaged: fall back to the previous one
+      logging.error("checkpoint %s unreadable (%s); trying the previous one", directory, e)
+      continue
+    return directory, "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
+  raise DamagedCheckpointError(f"{path}: no readable checkpoint under {ckpt_root}")
+
+
+def load_params(path, target, include="", exclude="", use_ema=True):
+  """Parameters for fine-tuning from a workdir or an imported checkpoint.
+
+  target: the new run's parameter tree (arrays, or ShapeDtypeStructs with
+  shardings). Returns it with every parameter whose path ("decoder/layers/0/...")
+  matches the regex `include` ("" = all) and not `exclude` ("" = none) replaced
+  by the checkpoint's, each restored straight into its target's shards. A
+  selected parameter missing from the checkpoint or of another shape, or a
+  checkpoint parameter that passes the filter but is not in the model, is an
+  error naming it; the others keep their target values.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  directory, key = _newest_params(path, use_ema)
+  inc = re.compile(include) if include else None
+  exc = re.compile(exclude) if exclude else None
+  selected = lambda name: (inc is None or inc.search(name)) and not (exc and exc.search(name))
+
+  flat_target = {_keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+  saved = _item_metadata(directory).get(key) or {}
+  saved_flat = _meta_shapes(saved)
+  want = {k: x for k, x in flat_target.items() if selected(k)}
+  if not want:
+    raise CheckpointMismatchError(f"init_from {path}: no model parameter matches include="
+                                  f"{include!r} / exclude={exclude!r}")
+  extra = {k: v for k, v in saved_flat.items() if selected(k) and k not in flat_target}
+  # The checkpoint's tree cut down to the selected entries, checked shape by shape.
+  check_compatible({k: _Shape(*saved_flat[k]) for k in want if k in saved_flat}
+                   | {k: _Shape(*v) for k, v in extra.items()}, want, f"{path} ({key})")
+  nested = {}
+  for name, x in want.items():
+    node = nested
+    *parents, leaf = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  restored = ocp.PyTreeCheckpointer().restore(directory, args=ocp.args.PyTreeRestore(
+      item={key: nested}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: nested}),
+      partial_restore=True))[key]
+  flat_restored = {_keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  logging.info("init_from %s: %d of %d parameter arrays loaded", path, len(want), len(flat_target))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: flat_restored.get(_keystr(p), x), target)
+
+
+class _Shape:
+  """A (shape, dtype) record that check_compatible reads like array metadata."""
+
+  def __init__(self, shape, dtype):
+    self.shape, self.dtype = shape, dtype
 
 
 def save_imported(out_dir, config, variables):

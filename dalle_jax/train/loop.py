@@ -7,24 +7,36 @@
 The task (`dalle_jax.tasks.<family>`) supplies the objective; everything here
 is shared by all families.
 """
+import collections
 import logging
 import os
+import re
 import shutil
 import signal
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from dalle_jax import parallel
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import checkpoint as ckpt_lib
 from dalle_jax.train import metrics as metrics_lib
+from dalle_jax.train import validation
 from dalle_jax.train.optimizers import global_norm, make_optimizer
 from dalle_jax.train.state import TrainState
+from dalle_jax.train.validation import ConfigError
+
+# The host runs at most this many steps ahead of the devices: after dispatching
+# step n it waits for step n - 2, so the devices always have the next step
+# queued (no throughput lost) and a SIGTERM is honoured within a couple of steps
+# (not up to log_every steps later, which a spot VM's 30 s notice may not allow).
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,13 +51,22 @@ def _split_variables(variables):
   return params, variables
 
 
+def _drop_reshaped_boxes(opt_state):
+  """Optimizer-state leaves that kept a parameter's logical names but not its
+  rank (Adafactor's factored row/column moments) lose them: small, replicated."""
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  reshaped = lambda x: is_box(x) and hasattr(x.value, "ndim") and x.value.ndim != len(x.names)
+  return jax.tree.map(lambda x: x.value if reshaped(x) else x, opt_state, is_leaf=is_box)
+
+
 def make_init_fn(task, tx, config, batch):
   """init(rng) -> boxed TrainState (logical names kept for shardings)."""
   def init(rng):
     init_rng, state_rng = jax.random.split(rng)
     params, model_state = _split_variables(task.init(init_rng, batch))
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32), params=params,
+        opt_state=_drop_reshaped_boxes(tx.init(params)),
         model_state=model_state,
         ema_params=params if config.ema_decay > 0 else None,
         rng=jax.random.key_data(state_rng), nonfinite_step=jnp.full((), -1, jnp.int32))
@@ -147,19 +168,44 @@ def make_eval_step(task):
 
 # --- loop ---------------------------------------------------------------------
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps."""
+class Preemption:
+  """SIGTERM -> one stop step that every process agrees on.
 
-  def __init__(self):
+  The handler only sets a flag. With several processes each step also
+  dispatches a tiny all-reduce (any) of every process's flag behind the train
+  step, and the host reads it MAX_STEPS_IN_FLIGHT steps later, when that step
+  has finished anyway: all processes read the same value after the same step,
+  without an extra synchronisation. One process reads its flag directly.
+  """
+
+  def __init__(self, mesh):
     self.requested = False
+    self._mesh = mesh
+    self._flags = collections.deque()  # multi-process: all-reduced flags, oldest first
+    if jax.process_count() > 1:
+      self._sharding = jax.sharding.NamedSharding(mesh, P(tuple(mesh.axis_names)))  # 1 per device
+      self._any = jax.jit(jnp.any, out_shardings=parallel.replicated(mesh))
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. inside a test runner thread)
       self._old = None
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    if not self.requested:
+      logging.warning("SIGTERM received: saving a checkpoint and exiting")
     self.requested = True
+
+  def should_stop(self):
+    """Called once per step by every process: True when all stop after this step."""
+    if jax.process_count() == 1:
+      return self.requested
+    flag = self.requested
+    flags = jax.make_array_from_callback((self._mesh.size,), self._sharding,
+                                         lambda _: np.array([flag]))
+    self._flags.append(self._any(flags))
+    if len(self._flags) <= MAX_STEPS_IN_FLIGHT:
+      return False
+    return bool(parallel.to_host(self._flags.popleft()))
 
   def restore(self):
     if self._old is not None:
@@ -215,15 +261,49 @@ def _save_previews(images, workdir, step):
     Image.fromarray(np.asarray(img, np.uint8)).save(os.path.join(out_dir, f"{name}_{step:06d}.png"))
 
 
-def _check_batch_size(config, mesh):
-  n = parallel.batch_axis_size(mesh)
-  b = config.batch_size
-  if b % n:
-    raise ValueError(f"batch_size={b} is not divisible by the {n} data-parallel devices "
-                     f"(mesh {dict(mesh.shape)})")
-  if b % (config.grad_accum_steps * n):
-    raise ValueError(f"batch_size={b} must divide into grad_accum_steps={config.grad_accum_steps} "
-                     f"micro-batches of a multiple of {n} devices")
+def _prepare(config):
+  """(task, mesh, train iterator): every check of the config, before config.json
+  is written or anything is compiled; a problem is a one-line ConfigError."""
+  validation.check_config(config)
+  try:
+    mesh = parallel.make_mesh(config.mesh)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  validation.check_batch(config, mesh, parallel.batch_axis_size(mesh))
+  try:
+    task = get_task(config)  # works on its own copy: resolved values land in task.config
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise ConfigError(str(e).strip("'\"")) from e
+  validation.check_optimizers(task.config, task.optimizer_groups())
+  if config.get("init_from"):
+    for key in ("init_from_include", "init_from_exclude"):
+      try:
+        re.compile(config[key])
+      except re.error as e:
+        raise ConfigError(f"config.{key}={config[key]!r} is not a regular expression: {e}") from None
+    try:
+      ckpt_lib.read_config(config.init_from)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.init_from: {e}") from None
+  try:
+    train_iter = task.make_iterator(config.data.train_split, config.batch_size,
+                                    shuffle=config.data.shuffle)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f"config.data.dataset={config.data.dataset!r}: {e}") from e
+  return task, mesh, train_iter
+
+
+def _init_from(config, abstract_params):
+  """The parameters config.init_from selects (include/exclude regexes), restored
+  straight into their shards and checked (a mismatch is named) before anything
+  compiles; the others stay abstract, to be filled by the fresh init."""
+  return ckpt_lib.load_params(config.init_from, abstract_params,
+                              include=config.init_from_include, exclude=config.init_from_exclude)
+
+
+def _merge_params(state, loaded):
+  params = jax.tree.map(lambda l, p: l if isinstance(l, jax.Array) else p, loaded, state.params)
+  return state.replace(params=params, ema_params=params if state.ema_params is not None else None)
 
 
 def train(config, workdir, *, max_steps=None):
@@ -232,11 +312,16 @@ def train(config, workdir, *, max_steps=None):
   max_steps: stop after this many steps in this call (tests); total_steps
   still sets the schedule. Returns the final TrainState.
   """
-  workdir = os.path.abspath(workdir)
-  task = get_task(config)
-  mesh = parallel.make_mesh(config.mesh)
-  _check_batch_size(config, mesh)
-  _write_config(config, workdir)
+  task, mesh, train_iter = _prepare(config)
+  preempt = Preemption(mesh)  # before compiling: an early SIGTERM also ends cleanly
+  try:
+    return _train(task, mesh, train_iter, preempt, os.path.abspath(workdir), max_steps)
+  finally:
+    preempt.restore()
+
+
+def _train(task, mesh, train_iter, preempt, workdir, max_steps):
+  config = task.config
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -248,54 +333,60 @@ def train(config, workdir, *, max_steps=None):
                                async_save=config.async_checkpoints)
   start_step, state, data_state = ckpt.restore(abstract)
   if state is None:
+    loaded = _init_from(config, abstract.params) if config.get("init_from") else None
     state, _ = create_state(task, tx, config, mesh, dummy)
     start_step = 0
+    if loaded is not None:
+      state = _merge_params(state, loaded)
+      logging.info("fine-tuning from %s (fresh optimizer)", config.init_from)
     logging.info("initialised a new model in %s", workdir)
   else:
     logging.info("resumed %s from step %d", workdir, start_step)
+    if data_state:
+      train_iter.set_state(data_state)
+  _write_config(config, workdir)  # after every check, so a rejected run leaves no trace
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info("parameters: %.2fM", n_params / 1e6)
-
-  train_iter = task.make_iterator(config.data.train_split, config.batch_size,
-                                  shuffle=config.data.shuffle)
-  if data_state:
-    train_iter.set_state(data_state)
 
   train_step = make_train_step(task, tx, config, schedules, mesh)
   with parallel.mesh_context(mesh, config):
     # The batch arrives already sharded over the batch axes (parallel.shard_batch).
     p_train_step = jax.jit(train_step, in_shardings=(shardings, None),
                            out_shardings=(shardings, None), donate_argnums=(0,))
-  p_eval_step = jax.jit(make_eval_step(task))
+  # Eval metrics come back replicated: readable on every process.
+  p_eval_step = jax.jit(make_eval_step(task), out_shardings=parallel.replicated(mesh))
 
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step,
                                     enabled=jax.process_index() == 0)
   flops = task.flops_per_example()
   tokens = task.tokens_per_example()
   peak = metrics_lib.peak_flops_per_device() if flops else None
-  preempt = _Preemption()
   end_step = config.total_steps if max_steps is None else min(config.total_steps, start_step + max_steps)
   timer = metrics_lib.Timer()
   run_start = time.perf_counter()
   step = start_step
   pending = []  # metrics since the last log, still on device
+  in_flight = collections.deque()  # losses of dispatched steps not yet waited for
+  saved_step = start_step if data_state is not None else None
 
-  def save(step, force=False):
+  def save(step):
+    nonlocal saved_step
+    if step == saved_step:  # e.g. SIGTERM right after a periodic checkpoint: saved once
+      return
     _raise_if_nonfinite(state, config)
-    ckpt.save(step, state, train_iter.get_state(), force=force)
+    ckpt.save(step, state, train_iter.get_state())
+    saved_step = step
 
   try:
     while step < end_step:
-      if preempt.requested:
-        save(step, force=True)
-        ckpt.wait()
-        logging.warning("preempted at step %d: checkpoint saved", step)
-        break
       batch = parallel.shard_batch(next(train_iter), mesh)
       with parallel.mesh_context(mesh, config):
         state, m = p_train_step(state, batch)
       step += 1
       pending.append(m)
+      in_flight.append(m["loss"])
+      if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
       if step == start_step + 1:
         jax.block_until_ready(m)
         timer.start()  # exclude compilation from throughput
@@ -314,10 +405,16 @@ def train(config, workdir, *, max_steps=None):
         _preview(task, state, config, mesh, workdir, step)
       if step % config.checkpoint_every == 0 or step == end_step:
         save(step)
+      if preempt.should_stop():
+        if pending:
+          _log(writer, pending, step, config, timer, flops, tokens, peak, run_start, start_step, {})
+        save(step)  # a no-op when the signal came during this step's periodic checkpoint
+        ckpt.wait()
+        logging.warning("preempted: checkpoint saved at step %d", step)
+        break
   finally:
     ckpt.close()
     writer.close()
-    preempt.restore()
   return state
 
 
@@ -366,7 +463,7 @@ def _evaluate(task, p_eval_step, state, config, mesh, step):
       batch = parallel.shard_batch(next(it), mesh)
       results.append(p_eval_step(_eval_params(state), state.model_state, batch,
                                  jax.random.fold_in(rng, i)))
-  results = jax.device_get(results)
+  results = jax.tree.map(parallel.to_host, results)
   avg = {f"eval/{k}": float(np.mean([r[k] for r in results])) for k in results[0]}
   if jax.process_index() == 0:
     print(f"eval step {step}: " + " | ".join(f"{k[5:]}={v:.4g}" for k, v in avg.items()), flush=True)
@@ -374,9 +471,11 @@ def _evaluate(task, p_eval_step, state, config, mesh, step):
 
 
 def _preview(task, state, config, mesh, workdir, step):
+  """task.preview gets the eval batch as global arrays (sharded like a train
+  batch) and returns host uint8 images on every process; process 0 writes them."""
   it = task.make_iterator(config.data.eval_split, config.batch_size, shuffle=False)
-  batch = next(it)
   with parallel.mesh_context(mesh, config):
+    batch = parallel.shard_batch(next(it), mesh)
     images = task.preview(_eval_params(state), state.model_state, batch,
                           jax.random.PRNGKey(config.seed + 2))
   _save_previews(images, workdir, step)

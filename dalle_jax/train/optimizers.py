@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import optax
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 def make_schedule(opt_cfg, total_steps):
   """Linear warmup, then cosine / linear decay to lr·end_lr_factor, or constant."""
   lr = float(opt_cfg.learning_rate)
@@ -24,7 +27,7 @@ def make_schedule(opt_cfg, total_steps):
   elif opt_cfg.schedule == "constant":
     decay = optax.constant_schedule(lr)
   else:
-    raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}: choose cosine | linear | constant")
+    raise ValueError(f"optimizer.schedule={opt_cfg.schedule!r}: choose {' | '.join(SCHEDULES)}")
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
@@ -42,22 +45,26 @@ def decay_mask(params, no_decay_regex):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+# optimizer.name -> (config, schedule, weight-decay mask fn) -> optax transformation
+OPTIMIZERS = {
+    "adamw": lambda o, sched, mask: optax.adamw(sched, b1=o.b1, b2=o.b2, eps=o.eps,
+                                                weight_decay=float(o.weight_decay), mask=mask),
+    "adafactor": lambda o, sched, mask: optax.adafactor(
+        sched, weight_decay_rate=float(o.weight_decay) or None, weight_decay_mask=mask,
+        multiply_by_parameter_scale=False),
+    "lion": lambda o, sched, mask: optax.lion(sched, b1=o.b1, b2=o.b2,
+                                              weight_decay=float(o.weight_decay), mask=mask),
+    "sgd": lambda o, sched, mask: optax.chain(optax.add_decayed_weights(float(o.weight_decay), mask),
+                                              optax.sgd(sched, momentum=o.b1)),
+}
+
+
 def _single(opt_cfg, total_steps):
+  if opt_cfg.name not in OPTIMIZERS:
+    raise ValueError(f"optimizer.name={opt_cfg.name!r}: choose {' | '.join(OPTIMIZERS)}")
   sched = make_schedule(opt_cfg, total_steps)
-  wd = float(opt_cfg.weight_decay)
   mask = lambda p: decay_mask(p, opt_cfg.no_decay)
-  name = opt_cfg.name
-  if name == "adamw":
-    tx = optax.adamw(sched, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=wd, mask=mask)
-  elif name == "lion":
-    tx = optax.lion(sched, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=wd, mask=mask)
-  elif name == "adafactor":
-    tx = optax.adafactor(sched, weight_decay_rate=wd or None, weight_decay_mask=mask,
-                         multiply_by_parameter_scale=False)
-  elif name == "sgd":
-    tx = optax.chain(optax.add_decayed_weights(wd, mask), optax.sgd(sched, momentum=opt_cfg.b1))
-  else:
-    raise ValueError(f"optimizer.name={name!r}: choose adamw | adafactor | lion | sgd")
+  tx = OPTIMIZERS[opt_cfg.name](opt_cfg, sched, mask)
   if opt_cfg.grad_clip and opt_cfg.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(opt_cfg.grad_clip)), tx)
   return tx, sched
