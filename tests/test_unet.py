@@ -258,7 +258,7 @@ def test_every_param_has_logical_axis_names_that_map_to_distinct_mesh_axes():
 
 # Context attention in all three forms, small enough to compile in seconds.
 SMALL_CTX = dict(
-    in_channels=3, out_channels=3, block_channels=(8, 16), num_res_blocks=1,
+    in_channels=3, out_channels=3, block_channels=(8, 16), num_res_blocks=1, resample="conv",
     attention=("added_kv", "self_cross"), mid_attention="cross", attn_heads=0, attn_head_dim=4,
     norm_groups=4, context_dim=6, extra_embeds=("label:class:3",), dropout=0.1)
 

@@ -323,19 +323,27 @@ def _heads(channels, heads, head_dim, where):
   return channels // head_dim
 
 
+# The attention blocks after each ResBlock, per `attention` value.
+_ATTN_BLOCKS = {"none": (), "self": ("self",), "added_kv": ("added_kv",), "cross": ("cross",),
+                "self_cross": ("self", "cross")}
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSettings:
-  """The UNet settings every level's blocks share (a hashable module attribute)."""
+  """The UNet settings its ResBlocks and attention blocks share (hashable, so Levels
+  take it as an attribute); builds those blocks in the calling module's scope."""
   norm_groups: int
   norm_eps: float
   act: str
   time_cond: str
   skip_time_act: bool
   res_out_scale: float
+  mid_out_scale: float
   dropout: float
   attn_heads: int
   attn_head_dim: int
   attn_norm_eps: Optional[float]
+  mid_attn_norm_groups: Optional[int]
   context_norm: str
   context_norm_groups: int
   downsample_padding: int
@@ -348,89 +356,97 @@ class BlockSettings:
   def of(cls, unet):
     return cls(**{f.name: getattr(unet, f.name) for f in dataclasses.fields(cls)})
 
+  def res(self, out_channels, name, deterministic, resample="none", mid=False):
+    return _remat(ResBlock, self.remat)(
+        out_channels=out_channels, norm_groups=self.norm_groups, norm_eps=self.norm_eps,
+        act=self.act, time_cond=self.time_cond, skip_time_act=self.skip_time_act,
+        out_scale=self.mid_out_scale if mid else self.res_out_scale, dropout=self.dropout,
+        resample=resample, deterministic=deterministic, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name)
+
+  def attend(self, h, ctx, ctx_mask, attention, names, mid=False):
+    """h through the blocks of `attention` (named names[0], names[1]). In the middle,
+    self-attention takes mid_attn_norm_groups and divides by mid_out_scale, as
+    diffusers' UNetMidBlock2D (its added-KV middle does neither)."""
+    c = h.shape[-1]
+    for kind, name in zip(_ATTN_BLOCKS[attention], names):
+      groups, out_scale = self.norm_groups, 1.0
+      if mid and kind == "self":
+        out_scale = self.mid_out_scale
+        if self.mid_attn_norm_groups is not None:
+          groups = self.mid_attn_norm_groups
+      h = _remat(AttnBlock, self.remat)(
+          kind=kind, num_heads=_heads(c, self.attn_heads, self.attn_head_dim, name),
+          norm_groups=groups,
+          norm_eps=self.norm_eps if self.attn_norm_eps is None else self.attn_norm_eps,
+          out_scale=out_scale, context_norm=self.context_norm,
+          context_norm_groups=self.context_norm_groups, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=name)(h, ctx, ctx_mask)
+    return h
+
 
 class Level(nn.Module):
   """One resolution level of the down (mode='down') or up (mode='up') path.
 
-  down: [pre-downsample] (res_j [+ attn_j]) x num_blocks [post-downsample]; returns
-        (h, skips it produced). up: (concat skip, res_j [+ attn_j]) x num_blocks, [upsample].
+  down: [pre-downsample] (res_j, attention) x num_blocks [downsample] -> (h, the skips
+        it keeps: every block's output). up: (h ++ skip x skip_scale, res_j, attention)
+        x num_blocks [upsample] -> h.
   """
   mode: str
   out_channels: int
   num_blocks: int
   attention: str
-  resample: str  # none | conv | resnet (what this level's resampler is)
+  resample: str  # none | conv | resnet
+  settings: BlockSettings
   resample_out: int = 0  # channels after a pre-downsample (downsample_first)
   pre_resample: bool = False
-  cfg: Optional[BlockSettings] = None
   deterministic: bool = True
 
-  def _res(self, out_channels, name, resample="none", out_scale=None):
-    u = self.cfg
-    cls = _remat(ResBlock, u.remat)
-    return cls(out_channels=out_channels, norm_groups=u.norm_groups, norm_eps=u.norm_eps,
-               act=u.act, time_cond=u.time_cond, skip_time_act=u.skip_time_act,
-               out_scale=u.res_out_scale if out_scale is None else out_scale,
-               dropout=u.dropout, resample=resample, deterministic=self.deterministic,
-               dtype=u.dtype, param_dtype=u.param_dtype, name=name)
-
-  def _attn(self, kind, name):
-    u = self.cfg
-    return _remat(AttnBlock, u.remat)(
-        kind=kind, num_heads=_heads(self.out_channels, u.attn_heads, u.attn_head_dim, name),
-        norm_groups=u.norm_groups, norm_eps=u.attn_norm_eps if u.attn_norm_eps is not None else u.norm_eps,
-        context_norm=u.context_norm, context_norm_groups=u.context_norm_groups,
-        dtype=u.dtype, param_dtype=u.param_dtype, name=name)
-
-  def _attend(self, h, j, ctx, ctx_mask):
-    kinds = {"self": ("self",), "added_kv": ("added_kv",), "cross": ("cross",),
-             "self_cross": ("self", "cross"), "none": ()}[self.attention]
-    for kind, name in zip(kinds, (f"attn_{j}", f"xattn_{j}")):
-      h = self._attn(kind, name)(h, ctx, ctx_mask)
-    return h
+  def _block(self, h, j, temb, ctx, ctx_mask):
+    s = self.settings
+    h = s.res(self.out_channels, f"res_{j}", self.deterministic)(h, temb)
+    return s.attend(h, ctx, ctx_mask, self.attention, (f"attn_{j}", f"xattn_{j}"))
 
   def _resampler(self, h, temb, name):
-    u = self.cfg
+    s = self.settings
     direction = "down" if self.mode == "down" else "up"
     out = self.resample_out or h.shape[-1]
     if self.resample == "resnet":
-      return self._res(out, name, resample=direction)(h, temb)
+      return s.res(out, name, self.deterministic, resample=direction)(h, temb)
     if direction == "down":
-      return Downsample(out, u.downsample_padding, dtype=u.dtype, param_dtype=u.param_dtype,
+      return Downsample(out, s.downsample_padding, dtype=s.dtype, param_dtype=s.param_dtype,
                         name=name)(h)
-    return Upsample(dtype=u.dtype, param_dtype=u.param_dtype, name=name)(h)
+    return Upsample(dtype=s.dtype, param_dtype=s.param_dtype, name=name)(h)
 
   @nn.compact
   def __call__(self, h, temb, ctx, ctx_mask, skips=None):
-    u = self.cfg
     if self.mode == "down":
-      out_skips = []
+      kept = []
       if self.pre_resample:
         h = self._resampler(h, temb, "downsample")
-        out_skips.append(h)
+        kept.append(h)
       for j in range(self.num_blocks):
-        h = self._res(self.out_channels, f"res_{j}")(h, temb)
-        h = self._attend(h, j, ctx, ctx_mask)
-        out_skips.append(h)
+        h = self._block(h, j, temb, ctx, ctx_mask)
+        kept.append(h)
       if self.resample != "none" and not self.pre_resample:
         h = self._resampler(h, temb, "downsample")
-        out_skips.append(h)
-      return h, out_skips
+        kept.append(h)
+      return h, kept
     skips = list(skips)
+    scale = self.settings.skip_scale
     for j in range(self.num_blocks):
-      s = skips.pop()
-      if u.skip_scale != 1.0:
-        s = s * jnp.asarray(u.skip_scale, s.dtype)
-      h = jnp.concatenate([h, s.astype(h.dtype)], axis=-1)
-      h = self._res(self.out_channels, f"res_{j}")(h, temb)
-      h = self._attend(h, j, ctx, ctx_mask)
+      skip = skips.pop()
+      if scale != 1.0:
+        skip = skip * jnp.asarray(scale, skip.dtype)
+      h = self._block(jnp.concatenate([h, skip.astype(h.dtype)], axis=-1), j, temb, ctx, ctx_mask)
     if self.resample != "none":
       h = self._resampler(h, temb, "upsample")
     return h
 
 
 class UNet(nn.Module):
-  """The configurable diffusion U-Net; attributes = the model config keys (module doc).
+  """The configurable diffusion U-Net; attributes = the model config keys (module doc),
+  defaulting to DDPM's CIFAR-10 U-Net.
 
   __call__(x_bhwc, t_b, *, context_bsd, context_mask_bs, embeds, low_res_bhwc, train)
     -> (B, H, W, out_channels) f32.
@@ -438,7 +454,7 @@ class UNet(nn.Module):
   in_channels: int = 3
   out_channels: int = 3
   block_channels: Sequence[int] = (128, 256, 256, 256)
-  num_res_blocks: Any = 2
+  num_res_blocks: Any = (2, 2, 2, 2)
   attention: Any = ("none", "self", "none", "none")
   mid_block: bool = True
   mid_attention: str = "self"
@@ -447,23 +463,23 @@ class UNet(nn.Module):
   attn_head_dim: int = 0
   attn_norm_eps: Optional[float] = None
   mid_attn_norm_groups: Optional[int] = None
-  resample: Any = "conv"
-  downsample_padding: int = 1
+  resample: Any = ("conv",) * 4
+  downsample_padding: int = 0
   downsample_first: bool = False
   skip_scale: float = 1.0
   time_embed_dim: int = 0
   time_sinusoid_dim: int = 0
-  flip_sin_to_cos: bool = True
-  freq_shift: float = 0.0
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
   time_embed_out_act: str = "none"
   act: str = "silu"
   norm_groups: int = 32
-  norm_eps: float = 1e-5
+  norm_eps: float = 1e-6
   time_cond: str = "add"
   skip_time_act: bool = False
   res_out_scale: float = 1.0
   mid_out_scale: float = 1.0
-  dropout: float = 0.0
+  dropout: float = 0.1
   context_dim: int = 0
   context_proj_dim: int = 0
   context_norm: str = "none"
@@ -594,19 +610,24 @@ class UNet(nn.Module):
     det = not train
     settings = BlockSettings.of(self)
     for i in range(n):
+      # the n-1 down-samples end levels 0..n-2, or (downsample_first) open levels 1..n-1
       pre = self.downsample_first and i > 0
-      h, out = Level(mode="down", out_channels=chans[i], num_blocks=nres[i], attention=attn[i],
-                     resample=resample[i] if (pre or (i < n - 1 and not self.downsample_first))
-                     else "none",
-                     resample_out=chans[i] if pre else 0, pre_resample=pre, cfg=settings,
-                     deterministic=det, name=f"down_{i}")(h, temb, ctx, context_mask_bs)
-      skips += out
-    if self.mid_block:
-      h = self._mid(h, temb, ctx, context_mask_bs, det)
+      has_down = pre or (not self.downsample_first and i < n - 1)
+      h, kept = Level(mode="down", out_channels=chans[i], num_blocks=nres[i], attention=attn[i],
+                      resample=resample[i] if has_down else "none",
+                      resample_out=chans[i] if pre else 0, pre_resample=pre, settings=settings,
+                      deterministic=det, name=f"down_{i}")(h, temb, ctx, context_mask_bs)
+      skips += kept
+    if self.mid_block:  # ResBlock, (attention, ResBlock) x mid_layers
+      h = settings.res(h.shape[-1], "mid_res_0", det, mid=True)(h, temb)
+      for j in range(self.mid_layers):
+        h = settings.attend(h, ctx, context_mask_bs, self.mid_attention,
+                            (f"mid_attn_{j}", f"mid_xattn_{j}"), mid=True)
+        h = settings.res(h.shape[-1], f"mid_res_{j + 1}", det, mid=True)(h, temb)
     for i in reversed(range(n)):
       k = nres[i] + 1
       h = Level(mode="up", out_channels=chans[i], num_blocks=k, attention=attn[i],
-                resample=resample[i] if i > 0 else "none", cfg=settings, deterministic=det,
+                resample=resample[i] if i > 0 else "none", settings=settings, deterministic=det,
                 name=f"up_{i}")(h, temb, ctx, context_mask_bs, skips[-k:])
       skips = skips[:-k]
     h = _act(self.act)(GroupNorm(self.norm_groups, self.norm_eps, self.dtype, self.param_dtype,
@@ -615,51 +636,26 @@ class UNet(nn.Module):
                kernel_init=nn.initializers.zeros)(h)
     return out.astype(jnp.float32)
 
-  def _mid(self, h, temb, ctx, ctx_mask, det):
-    c = h.shape[-1]
-    res = lambda name: _remat(ResBlock, self.remat)(
-        out_channels=c, norm_groups=self.norm_groups, norm_eps=self.norm_eps, act=self.act,
-        time_cond=self.time_cond, skip_time_act=self.skip_time_act, out_scale=self.mid_out_scale,
-        dropout=self.dropout, deterministic=det, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)
-    h = res("mid_res_0")(h, temb)
-    for j in range(self.mid_layers):
-      kinds = {"none": (), "self": ("self",), "added_kv": ("added_kv",), "cross": ("cross",),
-               "self_cross": ("self", "cross")}[self.mid_attention]
-      for kind, name in zip(kinds, (f"mid_attn_{j}", f"mid_xattn_{j}")):
-        groups = self.norm_groups
-        if kind == "self" and self.mid_attn_norm_groups is not None:
-          groups = self.mid_attn_norm_groups
-        h = _remat(AttnBlock, self.remat)(
-            kind=kind, num_heads=_heads(c, self.attn_heads, self.attn_head_dim, name),
-            norm_groups=groups,
-            norm_eps=self.attn_norm_eps if self.attn_norm_eps is not None else self.norm_eps,
-            out_scale=self.mid_out_scale if kind == "self" else 1.0,
-            context_norm=self.context_norm, context_norm_groups=self.context_norm_groups,
-            dtype=self.dtype, param_dtype=self.param_dtype, name=name)(h, ctx, ctx_mask)
-      h = res(f"mid_res_{j + 1}")(h, temb)
-    return h
-
 
 def example_inputs(unet, batch=1, size=None):
-  """(x_bhwc, t_b, kwargs) of the right shapes for `unet.init` (abstract init, tests).
-  size defaults to the smallest the levels allow (2^(levels-1))."""
+  """(x_bhwc, t_b, call kwargs) of the right shapes for `unet.init` (abstract inits,
+  converters, tests); size defaults to the smallest the levels allow, 2^(levels-1)."""
   size = size or 2 ** (len(unet.block_channels) - 1)
-  x = jnp.zeros((batch, size, size, unet.in_channels), jnp.float32)
   kw = {}
   if unet.context_dim:
     kw["context_bsd"] = jnp.zeros((batch, 4, unet.context_dim), jnp.float32)
     kw["context_mask_bs"] = jnp.ones((batch, 4), bool)
-  embeds = {}
   t_dim = unet.time_embed_dim or 4 * unet.block_channels[0]
+  embeds = {}
   for name, (kind, dim) in parse_extra_embeds(unet.extra_embeds).items():
     embeds[name] = {"class": jnp.zeros((batch,), jnp.int32), "timestep": jnp.zeros((batch,)),
                     "identity": jnp.zeros((batch, t_dim))}.get(kind)
-    if embeds[name] is None:
+    if embeds[name] is None:  # mlp / linear
       embeds[name] = jnp.zeros((batch, dim), jnp.float32)
   kw["embeds"] = embeds
   if unet.low_res_channels:
     kw["low_res_bhwc"] = jnp.zeros((batch, size, size, unet.low_res_channels), jnp.float32)
+  x = jnp.zeros((batch, size, size, unet.in_channels), jnp.float32)
   return x, jnp.zeros((batch,), jnp.float32), kw
 
 
@@ -669,19 +665,14 @@ _NUMERICS = ("remat", "dtype", "param_dtype")
 
 
 def default_model_config():
-  """Every model key with its default (a plain dict; configs build ConfigDicts from it).
-  The defaults are DDPM's CIFAR-10 U-Net (35.7M parameters)."""
+  """Every model key with its default (a plain dict; configs build ConfigDicts from it):
+  the UNet's attribute defaults, DDPM's CIFAR-10 U-Net (35.7M parameters). Per-level
+  keys default to tuples, so that a (type-safe) ConfigDict takes per-level overrides."""
   out = {}
   for f in UNet.__dataclass_fields__.values():
     if f.name in _NUMERICS or f.name in ("parent", "name"):
       continue
     out[f.name] = f.default
-  out["block_channels"] = (128, 256, 256, 256)
-  out["flip_sin_to_cos"] = False
-  out["freq_shift"] = 1.0
-  out["downsample_padding"] = 0
-  out["norm_eps"] = 1e-6
-  out["dropout"] = 0.1
   return out
 
 
