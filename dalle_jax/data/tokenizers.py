@@ -12,6 +12,8 @@ Backends:
                           BART's byte-level BPE for DALL·E mini); ids equal HF's own.
   BartBPETokenizer        min-dalle's vocab.json + merges.txt, reproducing
                           `min_dalle.text_tokenizer.TextTokenizer.tokenize` exactly.
+  t5_tokenizer            T5's SentencePiece (tokenizer.json or spiece.model) with
+                          T5's ids through one of the first two.
 
 The empty text is valid (the unconditional input of classifier-free guidance):
 it encodes to just the special tokens (or all padding). Over-long texts are
@@ -456,6 +458,33 @@ class BartBPETokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------
+# T5 (SentencePiece unigram with pad 0, eos 1, unk 2, no bos)
+# ---------------------------------------------------------------------------
+
+
+def t5_tokenizer(path, max_len=None):
+  """T5's tokenizer from a directory (or a .model file): EOS appended, no BOS, pad 0.
+
+  tokenizer.json (what transformers saves) -> HFTokenizer, ids equal to
+  transformers' T5Tokenizer; else spiece.model -> SentencePieceTokenizer, equal
+  too except that special-token strings written inside a text ("</s>",
+  "<extra_id_0>") are spelled out instead of mapped to their ids.
+  """
+  model = path if os.path.isfile(path) else os.path.join(path, "spiece.model")
+  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+    tok = HFTokenizer(path, lowercase=False, max_len=max_len)
+  elif os.path.isfile(model):
+    tok = SentencePieceTokenizer(model, lowercase=False, add_bos=False, add_eos=True,
+                                 collapse_whitespace=False, max_len=max_len)
+  else:
+    raise FileNotFoundError(f"T5 tokenizer {path}: no tokenizer.json or spiece.model")
+  if tok.eos_id is None or tok.bos_id is not None:
+    raise ValueError(f"T5 tokenizer {path}: expected EOS appended and no BOS, got "
+                     f"bos_id={tok.bos_id}, eos_id={tok.eos_id}")
+  return tok
+
+
+# ---------------------------------------------------------------------------
 # From config
 # ---------------------------------------------------------------------------
 
@@ -506,7 +535,7 @@ def get_tokenizer(text_cfg, data_cfg=None, base_dir=None):
   """Builds the tokenizer described by `configs.common.text_config()` keys.
 
   Args:
-    text_cfg: keys tokenizer ("sentencepiece" | "hf" | "bart_bpe"), path,
+    text_cfg: keys tokenizer ("sentencepiece" | "hf" | "bart_bpe" | "t5"), path,
       vocab_size, max_len, lowercase (optional: collapse_whitespace).
     data_cfg: the data config; needed when tokenizer="sentencepiece" and path is
       empty: a model is then trained on data_cfg's training captions and cached
@@ -548,6 +577,11 @@ def get_tokenizer(text_cfg, data_cfg=None, base_dir=None):
     if not path:
       raise ValueError("text.tokenizer='hf' needs text.path: a local tokenizer directory")
     tok = HFTokenizer(path, lowercase=lowercase, max_len=max_len, **ws)
+  elif kind == "t5":
+    if not path:
+      raise ValueError("text.tokenizer='t5' needs text.path: a directory with tokenizer.json "
+                       "or spiece.model")
+    tok = t5_tokenizer(path, max_len=max_len)
   elif kind == "bart_bpe":
     if not path:
       raise ValueError("text.tokenizer='bart_bpe' needs text.path: a directory with "
@@ -558,7 +592,7 @@ def get_tokenizer(text_cfg, data_cfg=None, base_dir=None):
       raise FileNotFoundError(f"BART BPE tokenizer directory not found: {path}")
     tok = BartBPETokenizer.from_dir(path, max_len=max_len, **ws)
   else:
-    raise ValueError(f"unknown text.tokenizer {kind!r}; expected sentencepiece | hf | bart_bpe")
+    raise ValueError(f"unknown text.tokenizer {kind!r}; expected sentencepiece | hf | bart_bpe | t5")
 
   model_vocab = int(text_cfg.get("vocab_size", 0) or 0)
   if model_vocab and tok.vocab_size > model_vocab:

@@ -4,12 +4,16 @@ KIND selects `dalle_jax.convert.<module>.main(argv)`:
   min_dalle   min-dalle's DALL·E mini/mega files  -> checkpoint for sample.py
   vqgan       taming / DALL·E mini VQGAN weights   -> checkpoint for tools.reconstruct
   hf_clip     Hugging Face CLIP directory          -> checkpoint for --clip / --rerank_with
+  hf_t5       Hugging Face T5 / UMT5 encoder, or a diffusers pipeline's text_encoder/ +
+              tokenizer/                           -> checkpoint for tools.embed --t5
+  diffusers_unet  diffusers UNet2DModel folder (+ scheduler_config.json), e.g. the DDPM
+              releases                             -> checkpoint for sample.py --method diffusion
 Run `python -m dalle_jax.tools.convert KIND --help` for each one's flags.
 """
 import importlib
 import sys
 
-KINDS = {"min_dalle": "min_dalle", "vqgan": "vqgan", "hf_clip": "hf_clip"}
+KINDS = {"diffusers_unet": "diffusers_unet_checkpoint", "min_dalle": "min_dalle", "vqgan": "vqgan", "hf_clip": "hf_clip", "hf_t5": "hf_t5"}
 
 
 def main(argv=None):

@@ -2,11 +2,13 @@
 
   python -m dalle_jax.tools.embed --clip (CKPT|HF_DIR|WORKDIR) --texts prompts.txt --out t.npz
   python -m dalle_jax.tools.embed --clip demo/clip --images photos/ --out i.npz
+  python -m dalle_jax.tools.embed --t5 (CKPT|HF_DIR) --texts prompts.txt --out h.npz [--max_len 77]
 
 --texts: one text per line. --images: every image file in the folder (sorted;
 unreadable files are skipped and listed). The .npz holds `embeddings` float32
-(N, E), and `texts` or `files` in the same order. Batches are split over all
-local devices.
+(N, E), and `texts` or `files` in the same order. With --t5 (texts only) it
+holds the encoder's `hidden_states` float32 (N, L, D), `mask` bool (N, L) and
+`texts` (dalle_jax.sampling.t5_encoder). Batches are split over all local devices.
 
 Python API (used by tools.zero_shot and sampling.rerank):
   enc = ClipEncoder.load(path)             # training workdir, imported checkpoint or HF dir
@@ -179,7 +181,12 @@ def read_texts(path):
 def main(argv=None):
   p = argparse.ArgumentParser(prog="python -m dalle_jax.tools.embed", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--clip", required=True, help="CLIP training workdir, imported checkpoint or HF dir")
+  model = p.add_mutually_exclusive_group(required=True)
+  model.add_argument("--clip", help="CLIP training workdir, imported checkpoint or HF dir")
+  model.add_argument("--t5", help="T5 encoder: imported checkpoint (convert hf_t5), Hugging Face "
+                                  "T5 folder or diffusers pipeline folder")
+  p.add_argument("--max_len", type=int, default=None,
+                 help="--t5: tokens per text (default: the checkpoint's text.max_len)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--texts", help="text file, one text per line")
   src.add_argument("--images", help="folder of images")
@@ -190,6 +197,8 @@ def main(argv=None):
                       "(if the checkpoint's config.data.data_dir is relative to another cwd)")
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  if args.t5:
+    return _embed_t5(args)
   try:
     enc = ClipEncoder.load(args.clip, data_dir=args.data_dir, batch_size=args.batch_size,
                            show_progress=True)
@@ -211,6 +220,23 @@ def main(argv=None):
   os.makedirs(out_dir, exist_ok=True)
   np.savez(args.out, embeddings=emb, **extra)
   print(f"wrote {emb.shape[0]} embeddings of dim {emb.shape[1]} -> {args.out}")
+
+
+def _embed_t5(args):
+  from dalle_jax.sampling import t5_encoder  # pylint: disable=g-import-not-at-top
+  try:
+    if not args.texts:
+      raise ValueError("--t5 encodes --texts only (T5 is a text encoder)")
+    texts = read_texts(args.texts)
+    enc = t5_encoder.T5TextEncoder.load(args.t5, batch_size=args.batch_size,
+                                        max_len=args.max_len, show_progress=True)
+    hidden, mask = enc.encode_texts(texts)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise SystemExit(f"error: {e}") from None
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  np.savez(args.out, hidden_states=hidden, mask=mask, texts=np.asarray(texts).astype(str))
+  print(f"wrote {hidden.shape[0]} x {hidden.shape[1]} T5 hidden states of dim {hidden.shape[2]} "
+        f"-> {args.out}")
 
 
 if __name__ == "__main__":
