@@ -155,6 +155,19 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(tmp_path):
   assert "conv_out.bias (5,)" in msg
 
 
+def test_torch_bin_weights_read_like_safetensors(tmp_path):
+  model = _save_diffusers_unet(str(tmp_path / "st"), DDPM_LAYOUT)
+  model.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+  assert os.path.isfile(tmp_path / "bin" / "diffusion_pytorch_model.bin")
+  st, binw = (conv_lib.read_weights(str(tmp_path / d)) for d in ("st", "bin"))
+  assert sorted(st) == sorted(binw) and len(st) == 182
+  for k in st:
+    np.testing.assert_array_equal(st[k], binw[k])
+  os.remove(tmp_path / "bin" / "diffusion_pytorch_model.bin")
+  with pytest.raises(conv_lib.ConversionError, match="none of diffusion_pytorch_model"):
+    conv_lib.read_weights(str(tmp_path / "bin"))
+
+
 def test_unsupported_diffusers_config_is_named(tmp_path):
   cfg = dict(DDPM_LAYOUT, _class_name="UNet2DModel")
   cfg["up_block_types"] = ("UpBlock2D", "UpBlock2D", "UpBlock2D")

@@ -192,6 +192,7 @@ def model_config(cfg, where="config.json"):
 _MODULES = {"time_proj": "time_emb_proj", "shortcut": "conv_shortcut", "norm": "group_norm",
             "query": "to_q", "key": "to_k", "value": "to_v", "out": "to_out.0",
             "add_key": "add_k_proj", "add_value": "add_v_proj", "context_norm": "norm_cross"}
+_BLOCKS = {"res": "resnets", "attn": "attentions"}  # (no diffusers block has two attentions)
 _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
            "pos_emb": "positional_embedding"}
 _POOL = {"norm_in": "norm1", "norm_out": "norm2", "proj": "proj", "query": "pool.q_proj",
@@ -217,12 +218,12 @@ def diffusers_name(path, n_levels):
     if parts[-1] == "pos_emb":
       return "add_embedding.pool.positional_embedding"
     rest = []
-  elif top.startswith("embed_"):  # the one diffusers class embedding
+  elif top == "embed_class":  # diffusers' class embedding (class_labels)
     prefix = "class_embedding" + "".join("." + r for r in rest)
     rest = []
   elif top.startswith("mid_"):
     kind, j = top[len("mid_"):].rsplit("_", 1)
-    prefix = f"mid_block.{'resnets' if kind == 'res' else 'attentions'}.{j}"
+    prefix = f"mid_block.{_BLOCKS[kind]}.{j}"
   elif top.startswith(("down_", "up_")):
     direction, level = top.split("_")
     block = int(level) if direction == "down" else n_levels - 1 - int(level)
@@ -232,7 +233,7 @@ def diffusers_name(path, n_levels):
       prefix += f".{sub}rs.0"
     else:
       kind, j = sub.rsplit("_", 1)
-      prefix += f".{'resnets' if kind == 'res' else 'attentions'}.{j}"
+      prefix += f".{_BLOCKS[kind]}.{j}"
   else:
     raise KeyError(f"no diffusers name for {'/'.join(path)}")
   names = [prefix] + [_MODULES.get(r, r) for r in rest] + [leaf]
@@ -294,7 +295,11 @@ def convert_weights(weights, model_cfg, where="checkpoint"):
   n = len(model_cfg["block_channels"])
   flat, missing, misshapen, used = {}, [], [], set()
   for path, shape in sorted(want.items()):
-    name = diffusers_name(path, n)
+    try:
+      name = diffusers_name(path, n)
+    except KeyError:
+      raise ConversionError(f"{where}: the model's parameter {'/'.join(path)} has no diffusers "
+                            "counterpart (a setting diffusers' U-Nets do not have)") from None
     if name not in weights:
       missing.append(name)
       continue

@@ -277,6 +277,8 @@ class AttnBlock(nn.Module):
         keep_bs = jnp.concatenate([keep_bs, jnp.ones((b, hgt * wid), bool)], axis=1)
       if ctx_mask_bs is not None:
         mask = keep_bs[:, None, None, :]
+    heads_axes = ("batch", "length", "heads", "kv")
+    q, k, v = (layers.constrain(a, heads_axes) for a in (q, k, v))
     out_blnk = layers.dot_product_attention(q, k, v, mask, self.dtype).astype(self.dtype)
     out_bld = layers.DenseGeneral(c, ("heads", "kv", "embed"), axis=(-2, -1), use_bias=True,
                                   dtype=self.dtype, param_dtype=self.param_dtype,
