@@ -178,6 +178,17 @@ def test_convert_cli_and_embed_cli(spiece_dir, ref_tok, tmp_path):
     assert got["hidden_states"].dtype == np.float32
     err = np.abs(got["hidden_states"] - ref_hidden[keep])[ref_mask[keep]].max()
     assert err <= 1e-4, (model_path, err)
+  # The same encoder with its weights split over fsdp and tensor (8 fake devices).
+  from jax.sharding import PartitionSpec as P
+  from dalle_jax import parallel
+  from dalle_jax.sampling.t5_encoder import T5TextEncoder
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  enc = T5TextEncoder(config, variables, max_len=MAX_LEN, mesh=mesh)
+  wi = enc.variables["params"]["blocks"]["layer_0"]["mlp"]["wi"]["kernel"]
+  assert wi.sharding.spec == P("fsdp", "tensor")
+  hidden, mask = enc.encode_texts(TEXTS)
+  np.testing.assert_array_equal(mask, ref_mask)
+  assert np.abs(hidden - ref_hidden)[ref_mask].max() <= 1e-4
   with pytest.raises(SystemExit, match="--t5 encodes --texts only"):
     embed.main(["--t5", out, "--images", str(tmp_path), "--out", npz])
   with pytest.raises(SystemExit, match="no such directory"):
