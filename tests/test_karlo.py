@@ -186,6 +186,10 @@ def test_decoder_matches_diffusers_pipeline_conditioning(karlo_dir):
                              inp["text_embed"], inp["text"], inp["mask"])
   assert out.shape == (B, 8, 8, 6)
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=0)
+  with torch.no_grad():  # the caption mask matters at this tolerance
+    unmasked = mods["decoder"](torch.from_numpy(inp["x_img"]), torch.from_numpy(t),
+                               encoder_hidden_states=ctx, class_labels=time_add).sample.numpy()
+  assert np.abs(unmasked[0] - ref[0]).max() > 1e-3
 
 
 def test_super_res_stages_match_diffusers(karlo_dir):
@@ -245,6 +249,10 @@ def test_unsupported_configs_are_named(tmp_path):
   os.makedirs(tmp_path / "k" / "prior")
   with pytest.raises(karlo.ConversionError, match="missing text_proj/, decoder/"):
     karlo.convert_karlo(str(tmp_path / "k"))
+  os.makedirs(tmp_path / "v" / "image_encoder")  # the variation layout has no prior
+  with pytest.raises(karlo.ConversionError) as e:
+    karlo.convert_karlo(str(tmp_path / "v"))
+  assert "missing text_proj/, decoder/" in str(e.value) and "prior" not in str(e.value)
   with open(tmp_path / "k" / "prior" / "config.json", "w") as f:
     json.dump({"_class_name": "UNet2DModel"}, f)
   with pytest.raises(karlo.ConversionError, match="expected 'PriorTransformer'"):
@@ -285,3 +293,44 @@ def test_prior_is_trainable_sharded_bf16():
     assert np.all(np.isfinite(np.asarray(g))) and np.abs(np.asarray(g)).max() > 0, path
   with pytest.raises(ValueError, match=r"text_bsc has shape \(2, 4, 10\), expected \(2, 5, 10\)"):
     model.apply(variables, x, np.array([1, 2]), te, text[:, :4], mask)
+
+
+# Karlo's released sizes (diffusers' conversion script): the prior's defaults and the
+# decoder below; built on torch's meta device, so nothing is allocated.
+KARLO_DECODER = dict(
+    DECODER, sample_size=64, layers_per_block=3, block_out_channels=(320, 640, 960, 1280),
+    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+    cross_attention_dim=1536, attention_head_dim=64, norm_num_groups=32)
+
+
+def test_karlo_sizes_map_name_for_name():
+  """At Karlo's real dimensions every diffusers tensor has exactly one parameter of the
+  same size here (prior 1.02B, text projection, decoder 885M parameters)."""
+  from dalle_jax.convert import diffusers_unet as dconv  # pylint: disable=g-import-not-at-top
+  with torch.device("meta"):
+    ref_prior = diffusers.PriorTransformer()
+    ref_tp = UnCLIPTextProjModel(time_embed_dim=1280, cross_attention_dim=1536)
+    ref_dec = diffusers.UNet2DConditionModel(**KARLO_DECODER)
+  sizes = lambda m: {k: int(np.prod(v.shape)) for k, v in m.state_dict().items()}
+
+  def ours(model, *inputs):
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
+    return {c: karlo._shapes(v) for c, v in abstract.items()}  # pylint: disable=protected-access
+
+  model = prior_lib.PriorTransformer(**karlo.prior_config(dict(ref_prior.config)))
+  got = ours(model, *prior_lib.example_inputs(model))
+  mine = {karlo.prior_name(p): int(np.prod(s)) for p, s in got["params"].items()}
+  mine.update({"clip_" + k[0]: int(np.prod(s)) for k, s in got[prior_lib.STATS].items()})
+  assert mine == sizes(ref_prior) and 1.02e9 < sum(mine.values()) < 1.03e9
+
+  tp_kw, clip_dim = karlo.text_proj_config(dict(ref_tp.config))
+  tp = unclip_lib.TextProjection(**tp_kw)
+  got = ours(tp, np.zeros((1, clip_dim)), np.zeros((1, clip_dim)), np.zeros((1, 77, clip_dim)))
+  assert sum(int(np.prod(s)) for s in got["params"].values()) == sum(sizes(ref_tp).values())
+
+  cfg = karlo.decoder_unet_config(dict(ref_dec.config))
+  assert cfg["time_embed_dim"] in (0, 1280) and cfg["context_dim"] == 1536
+  mine = {dconv.diffusers_name(p, 4): int(np.prod(s))
+          for p, s in dconv.expected_shapes(cfg).items()}
+  assert mine == sizes(ref_dec) and 885e6 < sum(mine.values()) < 886e6

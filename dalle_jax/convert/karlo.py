@@ -5,7 +5,9 @@
   convert_decoder_unet(SRC/decoder) UNet2DConditionModel       -> models/unet.py UNet
   convert_super_res(SRC/super_res_first | super_res_last)  UNet2DModel -> UNet
                                     (convert/diffusers_unet.py)
-  convert_karlo(SRC)                all of the above + the three scheduler configs
+  convert_karlo(SRC)                all of the above + the scheduler configs (text-to-image
+                                    layout, or the image-variation one with image_encoder/
+                                    and no prior)
 
 Each `convert_*` returns (model kwargs, variables, report lines); the `*_config` /
 `*_weights` halves work on an in-memory config dict / state dict. Every tensor is
@@ -42,6 +44,9 @@ ConversionError = dconv.ConversionError
 
 COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
 SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
+# The image-variation layout (UnCLIPImageVariationPipeline: `image_encoder/` instead of
+# the prior) decodes from an image's CLIP embedding directly.
+VARIATION_OPTIONAL = ("prior", "prior_scheduler")
 
 
 # --- reading ----------------------------------------------------------------------
@@ -409,17 +414,24 @@ def read_scheduler_config(path):
 
 def convert_karlo(src):
   """Karlo's diffusers folder -> {component: (kwargs, variables)}, {scheduler: config},
-  report lines. The decoder comes back as UnclipDecoder's variables
+  report lines. Components: prior (absent from the image-variation layout), decoder,
+  super_res_first, super_res_last. The decoder comes back as UnclipDecoder's variables
   {'params': {'text_proj': ..., 'unet': ...}} with kwargs {'text_proj', 'unet'}."""
   src = os.path.abspath(os.path.expanduser(src))
   if not os.path.isdir(src):
     raise ConversionError(f"{src}: not a directory")
-  absent = [c for c in COMPONENTS + SCHEDULERS if not os.path.isdir(os.path.join(src, c))]
+  variation = os.path.isdir(os.path.join(src, "image_encoder"))
+  needed = [c for c in COMPONENTS + SCHEDULERS
+            if not (variation and c in VARIATION_OPTIONAL)]
+  absent = [c for c in needed if not os.path.isdir(os.path.join(src, c))]
   if absent:
-    raise ConversionError(f"{src}: not Karlo's diffusers layout, missing {', '.join(a + '/' for a in absent)}")
-  report = []
-  prior_kw, prior_vars, r = convert_prior(os.path.join(src, "prior"))
-  report += r
+    raise ConversionError(f"{src}: not Karlo's diffusers layout, missing "
+                          f"{', '.join(a + '/' for a in absent)}")
+  report, out = [], {}
+  if os.path.isdir(os.path.join(src, "prior")):
+    prior_kw, prior_vars, r = convert_prior(os.path.join(src, "prior"))
+    out["prior"] = (prior_kw, prior_vars)
+    report += r
   tp_kw, tp_vars, r = convert_text_proj(os.path.join(src, "text_proj"))
   report += r
   dec_kw, dec_vars, r = convert_decoder_unet(os.path.join(src, "decoder"))
@@ -430,14 +442,18 @@ def convert_karlo(src):
   if dec_kw["context_dim"] != tp_kw["context_dim"]:
     raise ConversionError(f"{src}: text_proj makes {tp_kw['context_dim']}-wide tokens but the "
                           f"decoder's cross_attention_dim is {dec_kw['context_dim']}")
-  out = {"prior": (prior_kw, prior_vars),
-         "decoder": ({"text_proj": tp_kw, "unet": dec_kw},
-                     {"params": {"text_proj": tp_vars["params"], "unet": dec_vars["params"]}})}
+  t_dim = dec_kw["time_embed_dim"] or 4 * dec_kw["block_channels"][0]
+  if tp_kw["time_embed_dim"] != t_dim:
+    raise ConversionError(f"{src}: text_proj's time_embed_dim={tp_kw['time_embed_dim']} but the "
+                          f"decoder's time embedding is {t_dim} wide")
+  out["decoder"] = ({"text_proj": tp_kw, "unet": dec_kw},
+                    {"params": {"text_proj": tp_vars["params"], "unet": dec_vars["params"]}})
   for name in ("super_res_first", "super_res_last"):
     kw, variables, r = convert_super_res(os.path.join(src, name))
     out[name] = (kw, variables)
     report += r
-  schedulers = {name: read_scheduler_config(os.path.join(src, name)) for name in SCHEDULERS}
+  schedulers = {name: read_scheduler_config(os.path.join(src, name)) for name in SCHEDULERS
+                if os.path.isdir(os.path.join(src, name))}
   return out, schedulers, report
 
 
