@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs.common import DEFAULT_RULES
+from dalle_jax.convert import diffusers_unet as dconv
 from dalle_jax.convert import karlo
 from dalle_jax.models import prior as prior_lib
 from dalle_jax.models import scan_layout
@@ -20,7 +21,8 @@ from dalle_jax.models import unet as unet_lib
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
 # Karlo's shapes shrunk: CLIP width E (prior embedding_dim, caption state width),
 # S caption tokens, decoder base channels 8 (time embedding 32), context width X.
@@ -44,7 +46,8 @@ DECODER = dict(
 # Karlo's super-resolution stages: resnet blocks only, no attention, x_t ++ low-res in.
 SUPER_RES = dict(
     sample_size=8, in_channels=6, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-    down_block_types=("ResnetDownsampleBlock2D",) * 2, up_block_types=("ResnetUpsampleBlock2D",) * 2,
+    down_block_types=("ResnetDownsampleBlock2D",) * 2,
+    up_block_types=("ResnetUpsampleBlock2D",) * 2,
     add_attention=False, norm_num_groups=4)
 
 
@@ -206,6 +209,28 @@ def test_super_res_stages_match_diffusers(karlo_dir):
   assert sum("UNet2DModel" in line for line in report) == 2
 
 
+def test_prior_options_match_diffusers():
+  """PriorTransformer's other switches (norm_in, a normed text embedding, a separate
+  time-MLP width, gelu) as Kandinsky-style priors set them."""
+  cfg = dict(PRIOR, norm_in_type="layer", embedding_proj_norm_type="layer", time_embed_dim=24,
+             time_embed_act_fn="gelu")
+  ref = _perturbed(diffusers.PriorTransformer(**cfg), 6)
+  with torch.no_grad():
+    ref.clip_std.copy_(0.5 + torch.rand(1, E))
+  kwargs = karlo.prior_config(dict(ref.config))
+  assert kwargs["norm_in"] and kwargs["text_embed_norm"] and kwargs["time_dim"] == 24
+  variables = karlo.prior_weights(_state(ref), kwargs)
+  inp, t = _inputs(4), np.array([10, 400])
+  with torch.no_grad():
+    want = ref(torch.from_numpy(inp["x_t"]), timestep=torch.from_numpy(t),
+               proj_embedding=torch.from_numpy(inp["text_embed"]),
+               encoder_hidden_states=torch.from_numpy(inp["text"]),
+               attention_mask=torch.from_numpy(inp["mask"])).predicted_image_embedding.numpy()
+  out = jax.jit(prior_lib.PriorTransformer(**kwargs).apply)(
+      variables, inp["x_t"], t, inp["text_embed"], inp["text"], inp["mask"])
+  np.testing.assert_allclose(np.asarray(out), want, atol=1e-4, rtol=0)
+
+
 def test_missing_unexpected_misshapen_and_zero_std_are_named():
   prior = _prior(5)
   kwargs = karlo.prior_config(dict(prior.config))
@@ -227,7 +252,8 @@ def test_missing_unexpected_misshapen_and_zero_std_are_named():
   tp_kw, clip_dim = karlo.text_proj_config(dict(tp.config))
   w = _state(tp)
   w["clip_extra_context_tokens_proj.weight"] = np.zeros((3 * X, E), np.float32)
-  with pytest.raises(karlo.ConversionError, match=r"clip_extra_context_tokens_proj.weight \(72, 12\)"):
+  with pytest.raises(karlo.ConversionError,
+                     match=r"clip_extra_context_tokens_proj.weight \(72, 12\)"):
     karlo.text_proj_weights(w, tp_kw, clip_dim)
 
 
@@ -307,7 +333,6 @@ KARLO_DECODER = dict(
 def test_karlo_sizes_map_name_for_name():
   """At Karlo's real dimensions every diffusers tensor has exactly one parameter of the
   same size here (prior 1.02B, text projection, decoder 885M parameters)."""
-  from dalle_jax.convert import diffusers_unet as dconv  # pylint: disable=g-import-not-at-top
   with torch.device("meta"):
     ref_prior = diffusers.PriorTransformer()
     ref_tp = UnCLIPTextProjModel(time_embed_dim=1280, cross_attention_dim=1536)
@@ -316,7 +341,7 @@ def test_karlo_sizes_map_name_for_name():
 
   def ours(model, *inputs):
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
-    return {c: karlo._shapes(v) for c, v in abstract.items()}  # pylint: disable=protected-access
+    return {c: karlo.param_shapes(v) for c, v in abstract.items()}
 
   model = prior_lib.PriorTransformer(**karlo.prior_config(dict(ref_prior.config)))
   got = ours(model, *prior_lib.example_inputs(model))

@@ -87,21 +87,25 @@ def _unflatten(flat):
 
 
 def _linear(w, shape, path):
-  """A torch Linear weight (out, in) -> our kernel of `shape` ((in, out), or attention's
-  head-split (D, H, K) / (H, K, D)); other tensors squeezed to `shape`; None if no fit."""
-  if path[-1] == "kernel" and w.ndim == 2:
+  """A torch tensor -> ours of `shape`, or None if it does not fit exactly: Linear weights
+  (out, in) -> kernels (in, out) or attention's head-split (D, H, K) / (H, K, D); biases
+  (H*K,) -> (H, K); other tensors ((1, E) statistics, (1, L, D) positional tables, (1, 1, D)
+  query) lose leading 1s."""
+  shape = tuple(shape)
+  if path[-1] == "kernel":
+    if w.ndim != 2:
+      return None
     w = w.T
     if len(shape) == 3:
       merged = ((shape[0] * shape[1], shape[2]) if path[-3] == "out"
                 else (shape[0], shape[1] * shape[2]))
-      if tuple(w.shape) != merged:
-        return None
-  if w.size != int(np.prod(shape)):
+      return w.reshape(shape) if w.shape == merged else None
+    return w if w.shape == shape else None
+  if path[-1] == "bias":
+    return w.reshape(shape) if w.ndim == 1 and w.size == int(np.prod(shape)) else None
+  squeezed = lambda dims: tuple(s for s in dims if s != 1)
+  if squeezed(w.shape) != squeezed(shape) or w.ndim < len(shape):
     return None
-  if path[-1] not in ("kernel", "bias") and w.shape != tuple(shape):
-    # (1, E) statistics, (1, L, D) positional tables, (1, 1, D) query: leading 1s only
-    if tuple(s for s in w.shape if s != 1) != tuple(s for s in shape if s != 1) or w.ndim < len(shape):
-      return None
   return w.reshape(shape)
 
 
@@ -132,7 +136,8 @@ def _assign(weights, want, name_of, where, what, fit=_linear):
   return flat
 
 
-def _shapes(tree):
+def param_shapes(tree):
+  """A (boxed or abstract) variable tree -> {path tuple: shape}."""
   return {p: tuple(a.shape) for p, a in _flatten(nn.unbox(tree)).items()}
 
 
@@ -196,8 +201,9 @@ def prior_weights(weights, kwargs, where="checkpoint"):
   model = prior_lib.PriorTransformer(**kwargs)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                *prior_lib.example_inputs(model)))
-  want = {("params",) + p: s for p, s in _shapes(abstract["params"]).items()}
-  want.update({(prior_lib.STATS, k): s for (k,), s in _shapes(abstract[prior_lib.STATS]).items()})
+  want = {("params",) + p: s for p, s in param_shapes(abstract["params"]).items()}
+  stats = param_shapes(abstract[prior_lib.STATS])
+  want.update({(prior_lib.STATS, k): s for (k,), s in stats.items()})
   stats_names = {"mean": "clip_mean", "std": "clip_std"}
   name_of = lambda p: stats_names[p[1]] if p[0] == prior_lib.STATS else prior_name(p[1:])
   flat = _assign(weights, want, name_of, where, "diffusers PriorTransformer")
@@ -263,7 +269,7 @@ def text_proj_weights(weights, kwargs, clip_dim, text_dim=None, where="checkpoin
   inputs = (np.zeros((b, clip_dim), np.float32), np.zeros((b, clip_dim), np.float32),
             np.zeros((b, 2, text_dim or clip_dim), np.float32))
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs))
-  want = {("params",) + p: s for p, s in _shapes(abstract["params"]).items()}
+  want = {("params",) + p: s for p, s in param_shapes(abstract["params"]).items()}
 
   def name_of(p):
     parts = [q for q in p[1:] if q != "dense"]
@@ -353,7 +359,8 @@ def decoder_unet_config(cfg, where="config.json"):
       in_channels=int(get("in_channels", 4)), out_channels=int(get("out_channels", 4)),
       block_channels=chans,
       num_res_blocks=(tuple(int(x) for x in layers_per_block)
-                      if isinstance(layers_per_block, (list, tuple)) else (int(layers_per_block),) * n),
+                      if isinstance(layers_per_block, (list, tuple))
+                      else (int(layers_per_block),) * n),
       attention=tuple(attention), resample=("resnet",) * n, mid_block=mid_type is not None,
       mid_attention="cross" if mid_only_cross else "added_kv", mid_layers=1,
       attn_heads=0, attn_head_dim=head_dim, attn_norm_eps=1e-5, mid_attn_norm_groups=None,

@@ -130,7 +130,8 @@ class PriorTransformer(nn.Module):
     h_bnd = layers.Stack(layers.PreLNBlock, block, self.num_layers, remat=self.remat,
                          scan=self.scan, name="blocks")(h_bnd, mask)
     out_bd = ln("norm_out")(h_bnd[:, -1])
-    return dense(e, ("embed", "channels"), "out_proj")(out_bd.astype(self.dtype)).astype(jnp.float32)
+    out_be = dense(e, ("embed", "channels"), "out_proj")(out_bd.astype(self.dtype))
+    return out_be.astype(jnp.float32)
 
 
 def normalize(stats, image_embed_be):

@@ -56,8 +56,8 @@ class TextProjection(nn.Module):
                                     ("channels",), self.param_dtype)
     img = jnp.asarray(image_embed_be, jnp.float32)
     if drop_image_b is not None:
-      img = jnp.where(jnp.asarray(drop_image_b, bool).reshape(b, 1), null_e.astype(jnp.float32)[None],
-                      img)
+      drop_b1 = jnp.asarray(drop_image_b, bool).reshape(b, 1)
+      img = jnp.where(drop_b1, null_e.astype(jnp.float32)[None], img)
     img = img.astype(self.dtype)
     dense = lambda feats, name: layers.Dense(feats, ("channels", "embed"), dtype=self.dtype,
                                              param_dtype=self.param_dtype, name=name)
