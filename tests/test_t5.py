@@ -237,6 +237,44 @@ def test_state_dict_checks_are_named(ref_tok, tmp_path):
       hf_t5.load_hf_t5(str(d))
 
 
+def test_weight_variants_and_sharded_bins(tmp_path):
+  """diffusers-style variants (model.fp16.safetensors, a sharded bf16 index), a sharded
+  pytorch_model.bin index, upcast to f32; a variant never beats the full-precision file."""
+  model = tiny_hf("t5", "gated-gelu", 64)
+  sd = {k: v.detach() for k, v in model.state_dict().items()}
+  want = lambda dtype: sd["shared.weight"].to(dtype).float().numpy()
+  embedding = lambda folder: hf_t5.load_hf_t5(str(folder))[1]["params"]["token_embed"]["embedding"]
+
+  model.save_pretrained(str(tmp_path / "mixed"))  # f32 beside a bf16 variant (below)
+  fresh = lambda dtype: tiny_hf("t5", "gated-gelu", 64).to(dtype)  # same seed, same weights
+  fresh(torch.float16).save_pretrained(str(tmp_path / "fp16"), variant="fp16")
+  assert os.path.isfile(tmp_path / "fp16" / "model.fp16.safetensors")
+  np.testing.assert_array_equal(embedding(tmp_path / "fp16"), want(torch.float16))
+
+  for folder in ("bf16", "mixed"):
+    fresh(torch.bfloat16).save_pretrained(str(tmp_path / folder), variant="bf16",
+                                          max_shard_size="20KB")
+  assert os.path.isfile(tmp_path / "bf16" / "model.safetensors.index.bf16.json")
+  got = embedding(tmp_path / "bf16")
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(got, want(torch.bfloat16))
+  np.testing.assert_array_equal(embedding(tmp_path / "mixed"), want(torch.float32))
+
+  d = tmp_path / "bins"
+  d.mkdir()
+  model.config.save_pretrained(str(d))
+  names = sorted(sd)
+  weight_map = {}
+  for i, part in enumerate((names[::2], names[1::2])):
+    torch.save({k: sd[k] for k in part}, str(d / f"pytorch_model-0000{i + 1}-of-00002.bin"))
+    weight_map.update({k: f"pytorch_model-0000{i + 1}-of-00002.bin" for k in part})
+  (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  np.testing.assert_array_equal(embedding(d), want(torch.float32))
+  os.remove(d / "pytorch_model-00002-of-00002.bin")
+  with pytest.raises(hf_t5.ConversionError, match="pytorch_model-00002-of-00002.bin: listed"):
+    hf_t5.load_hf_t5(str(d))
+
+
 def test_scan_and_bf16_match_per_layer(ref_tok):
   """scan_layers=True (parameters stacked by scan_layout) gives the per-layer outputs;
   bf16 compute stays close; every parameter carries logical names."""

@@ -4,7 +4,10 @@
 
 DIR is a model folder (`config.json` with model_type t5 | mt5 | umt5, and
 `model.safetensors`, a sharded `model.safetensors.index.json`, or
-`pytorch_model.bin` read with `torch.load(weights_only=True)`), or a diffusers
+`pytorch_model.bin` (or its sharded index) read with
+`torch.load(weights_only=True)`; failing those, a variant such as diffusers'
+`variant="fp16"` files `model.fp16.safetensors` / `model.safetensors.index.fp16.json`;
+f16 / bf16 weights are upcast to f32), or a diffusers
 pipeline folder (DeepFloyd IF: `text_encoder/` + `tokenizer/`), or its
 `text_encoder/` folder with `tokenizer/` beside it. Only the encoder is
 imported: the decoder and LM head of a full T5 checkpoint are skipped (counted).
@@ -23,13 +26,16 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
+import struct
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dalle_jax.convert.hf_clip import ConversionError, read_hf_weights
+from dalle_jax.convert.hf_clip import ConversionError
 from dalle_jax.models import t5 as t5_lib
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,83 @@ def config_from_hf(hf, tokenizer_dir=None):
     config.text.vocab_size = model.vocab_size
     config.text.path = os.path.abspath(tokenizer_dir) if tokenizer_dir else ""
   return config
+
+
+# --- reading weights ----------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                       "BF16": jnp.bfloat16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def read_safetensors(path):
+  """name -> array of a .safetensors file, memory-mapped (any dtype, bf16 included;
+  converted to f32 one tensor at a time by `convert_weights`)."""
+  try:
+    with open(path, "rb") as f:
+      n = struct.unpack("<Q", f.read(8))[0]
+      header = json.loads(f.read(n))
+    data = np.memmap(path, np.uint8, "r", offset=8 + n)
+  except (OSError, ValueError, struct.error) as e:
+    raise ConversionError(f"{path}: unreadable safetensors file ({e})") from e
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+      raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+    start, end = info["data_offsets"]
+    out[name] = data[start:end].view(dtype).reshape(info["shape"])
+  return out
+
+
+def _read_torch_bin(path):
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f"{path}: could not be loaded with weights_only=True ({e})") from e
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()}
+
+
+def weight_files(model_dir):
+  """The weight files of a model folder, preferring safetensors, then unsuffixed
+  (full-precision) files over variants; a sharded index gives its shards."""
+  names = set(os.listdir(model_dir))
+
+  def shards(index):
+    with open(os.path.join(model_dir, index)) as f:
+      try:
+        return sorted(set(json.load(f)["weight_map"].values()))
+      except (ValueError, KeyError) as e:
+        raise ConversionError(f"{model_dir}/{index}: not a weight index ({e})") from e
+
+  for fmt, stem in (("safetensors", "model"), ("bin", "pytorch_model")):
+    if f"{stem}.{fmt}" in names:
+      return [f"{stem}.{fmt}"]
+    if f"{stem}.{fmt}.index.json" in names:
+      return shards(f"{stem}.{fmt}.index.json")
+    variants = sorted(n for n in names if re.fullmatch(rf"{stem}\.\w+\.{fmt}", n) or
+                      re.fullmatch(rf"{stem}\.{fmt}\.index\.\w+\.json", n))
+    if variants:
+      if len(variants) > 1:
+        log.info("%s: several weight variants %s; reading %s", model_dir, variants, variants[0])
+      return shards(variants[0]) if variants[0].endswith(".json") else [variants[0]]
+  raise ConversionError(f"{model_dir}: no model.safetensors, model.safetensors.index.json, "
+                        "pytorch_model.bin (or its index), nor a variant such as "
+                        "model.fp16.safetensors")
+
+
+def read_weights(model_dir):
+  """name -> array (original dtype; safetensors memory-mapped) of a model folder."""
+  out = {}
+  for name in weight_files(model_dir):
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+      raise ConversionError(f"{path}: listed in the weight index but missing")
+    out.update(read_safetensors(path) if name.endswith(".safetensors") else _read_torch_bin(path))
+  return out
 
 
 # --- weights --------------------------------------------------------------------
@@ -231,7 +314,7 @@ def load_hf_t5(src):
   """(config, variables) of a HF T5-family folder or pipeline folder, in memory (f32)."""
   model_dir, tok_dir = locate(src)
   config = config_from_hf(read_hf_config(model_dir), tok_dir)
-  variables = convert_weights(read_hf_weights(model_dir), config, where=model_dir)
+  variables = convert_weights(read_weights(model_dir), config, where=model_dir)
   return config, variables
 
 
