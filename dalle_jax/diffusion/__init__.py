@@ -2,7 +2,8 @@
 
 schedule   SchedulerConfig (diffusers' scheduler_config.json), betas, respaced timesteps
 gaussian   Diffusion: q_sample, eps/x0/v conversions, MSE / min-SNR / hybrid (learned variance) loss
-samplers   DDPM, DDIM, DPM-Solver++(2M) as one compiled loop each; thresholding
+samplers   DDPM, DDIM, DPM-Solver++(2M), UnCLIP as one compiled loop each; thresholding;
+           inpainting by replacement (known_x0 / known_mask)
 guidance   classifier-free guidance in one batched pass; condition dropout
 
 Shapes (all modules): B batch, H height, W width, C image channels, T train timesteps, K steps.

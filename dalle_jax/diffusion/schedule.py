@@ -4,7 +4,8 @@
 `scheduler_config.json`); `betas` / `alphas_cumprod` are the training chain in
 float64; `timesteps` is the respaced chain each sampler visits, step for step the
 one diffusers' `set_timesteps` gives (DPM-Solver spaces K+1 points and drops the
-last, DDPM/DDIM space K).
+last, DDPM/DDIM space K, UnCLIP spaces K points from T-1 down to 0 whatever
+`timestep_spacing` says: 999, 888, ..., 0 for K = 10).
 
 Shapes: T num_train_timesteps, K inference steps.
 """
@@ -18,7 +19,10 @@ PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned_range")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "unclip")
+# diffusers scheduler class -> the sampler that reproduces it
+NATIVE_SAMPLERS = {"DDPMScheduler": "ddpm", "DDIMScheduler": "ddim",
+                   "DPMSolverMultistepScheduler": "dpmpp", "UnCLIPScheduler": "unclip"}
 
 # scheduler_config.json keys that configure a diffusers scheduler class rather than
 # the chain the model was trained on; `--sampler` decides these here.
@@ -28,6 +32,13 @@ _IGNORED_KEYS = {
     # UnCLIPScheduler / PNDM / Euler bookkeeping without an effect on these samplers.
     "skip_prk_steps", "set_alpha_to_one_for_prk", "timestep_type", "interpolation_type",
     "use_dynamic_shifting", "time_shift_type", "flow_shift", "predict_x0", "disable_corrector", "solver_p",
+}
+# Class defaults that differ from SchedulerConfig's (DDPMScheduler's), applied to keys a
+# scheduler_config.json leaves out, as diffusers' from_config does: Karlo's UnCLIPScheduler
+# configs carry no beta_schedule (the class only supports the cosine one).
+_CLASS_DEFAULTS = {
+    "UnCLIPScheduler": dict(beta_schedule="squaredcos_cap_v2", variance_type="fixed_small_log"),
+    "DPMSolverMultistepScheduler": dict(timestep_spacing="linspace"),
 }
 # Keys accepted only at the value that keeps the chain a plain discrete VP chain.
 _REQUIRED_DEFAULTS = {
@@ -82,9 +93,10 @@ class SchedulerConfig:
 
   @classmethod
   def from_dict(cls, d):
-    """Reads a diffusers scheduler_config.json dict (DDPM, DDIM, DPM-Solver, UnCLIP, PNDM keys)."""
+    """Reads a diffusers scheduler_config.json dict (DDPM, DDIM, DPM-Solver, UnCLIP, PNDM keys);
+    keys it leaves out take its `_class_name`'s defaults (see `native_sampler`)."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {}
+    kw = dict(_CLASS_DEFAULTS.get(d.get("_class_name"), {}))
     for key, value in d.items():
       if key in fields:
         if key == "variance_type" and value is None:  # DPM-Solver: None = a fixed-variance model
@@ -110,6 +122,11 @@ class SchedulerConfig:
   @property
   def learned_variance(self):
     return self.variance_type == "learned_range"
+
+
+def native_sampler(d):
+  """The sampler that reproduces a scheduler_config.json dict's `_class_name`, or None."""
+  return NATIVE_SAMPLERS.get(d.get("_class_name"))
 
 
 def _check_choice(key, value, choices):
@@ -163,6 +180,10 @@ def timesteps(cfg: SchedulerConfig, num_steps: int, sampler: str) -> np.ndarray:
     else:
       ts = np.round(np.arange(n, 0, -n / k)) - 1
     return _checked(ts.astype(np.int64), cfg, k, sampler)
+  if sampler == "unclip":  # Karlo: K points from T-1 to 0 (no spacing / offset options)
+    if k < 2:
+      raise ValueError(f"steps={k}: the unclip sampler needs steps >= 2 (it spans T-1 .. 0)")
+    return _checked((np.arange(k) * ((n - 1) / (k - 1))).round()[::-1].astype(np.int64), cfg, k, sampler)
   # DPM-Solver spaces K+1 points up to the (lambda-clipped) last timestep and drops t=0.
   last = _last_timestep(cfg)
   if spacing == "linspace":
