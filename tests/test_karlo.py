@@ -238,6 +238,7 @@ def test_missing_unexpected_misshapen_and_zero_std_are_named():
   w.pop("transformer_blocks.1.attn1.to_k.bias")
   w["transformer_blocks.0.attn2.to_q.weight"] = np.zeros((16, 16), np.float32)
   w["positional_embedding"] = np.zeros((1, S + 3, 16), np.float32)
+  w["proj_in.weight"] = w["proj_in.weight"].T.copy()  # same size, wrong orientation
   with pytest.raises(karlo.ConversionError) as e:
     karlo.prior_weights(w, kwargs, where="P")
   msg = str(e.value)
@@ -245,6 +246,7 @@ def test_missing_unexpected_misshapen_and_zero_std_are_named():
   assert "missing tensors (1): transformer_blocks.1.attn1.to_k.bias" in msg
   assert "unexpected tensors (1): transformer_blocks.0.attn2.to_q.weight" in msg
   assert "positional_embedding (1, 10, 16)" in msg and "pos_embed" in msg
+  assert "proj_in.weight (12, 16)" in msg
   fresh = diffusers.PriorTransformer(**PRIOR)
   with pytest.raises(karlo.ConversionError, match="clip_std has 12 zero entries"):
     karlo.prior_weights(_state(fresh), kwargs, where="P")
