@@ -5,9 +5,11 @@ gaussian   Diffusion: q_sample, eps/x0/v conversions, MSE / min-SNR / hybrid (le
 samplers   DDPM, DDIM, DPM-Solver++(2M), UnCLIP as one compiled loop each; thresholding;
            inpainting by replacement (known_x0 / known_mask)
 guidance   classifier-free guidance in one batched pass; condition dropout
+cascade    super-resolution conditioning: noise-conditioning augmentation, blur augmentation
 
 Shapes (all modules): B batch, H height, W width, C image channels, T train timesteps, K steps.
 """
+from dalle_jax.diffusion.cascade import NoiseAugmentation, gaussian_blur, random_blur
 from dalle_jax.diffusion.gaussian import Diffusion
 from dalle_jax.diffusion.guidance import classifier_free_guidance, drop_condition
 from dalle_jax.diffusion.samplers import dynamic_threshold, sample, static_clip
