@@ -16,6 +16,14 @@ DALLE_JAX_CACHE_DIR (default ~/.cache/dalle_jax/xla; empty = off).
 VQGAN+CLIP (optimises a VQGAN latent grid towards the prompt under CLIP):
   python sample.py --method vqgan_clip --vqgan demo/vqgan --clip demo/clip \
       --prompt "a red circle on a blue background" --steps 200 --out vqclip.png [--save_every 20]
+
+Diffusion (GLIDE-style text->image, or an imported diffusers U-Net):
+  python sample.py --method diffusion (--workdir W | --checkpoint C) --prompt "..." \
+      --num_images N --seed S --sampler ddpm|ddim|dpmpp --steps K [--eta E] --guidance_scale G \
+      [--thresholding none|static|dynamic --threshold_percentile P] [--init_noise x_T.npy] \
+      [--rerank_with CLIP --rerank_top K] [--mesh D,F,T] --out grid.png
+  (--unconditional and no --prompt for an unconditional model; the checkpoint's
+  scheduler settings are used unless a flag overrides them)
 """
 import argparse
 import sys
@@ -23,8 +31,11 @@ import sys
 
 def main(argv):
   pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--method", default="ar", choices=["ar", "vqgan_clip"])
+  pre.add_argument("--method", default="ar", choices=["ar", "vqgan_clip", "diffusion"])
   known, rest = pre.parse_known_args(argv)
+  if known.method == "diffusion":
+    from dalle_jax.sampling.diffusion import diffusion_main
+    return diffusion_main(rest)
   if known.method == "vqgan_clip":
     from dalle_jax.sampling.vqgan_clip import vqgan_clip_main
     return vqgan_clip_main(rest)

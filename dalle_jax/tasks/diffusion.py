@@ -1,0 +1,299 @@
+"""Pixel-space text -> image diffusion task (family `diffusion`): GLIDE-style training.
+
+The model (dalle_jax/models/text2im.py) is a U-Net conditioned on the project's own
+trainable text transformer, on a frozen CLIP text tower (`config.text_encoder.clip`
+= a CLIP workdir or imported checkpoint; its token states and embedding are
+computed inside the step with the CLIP parameters held fixed), on a class label,
+or on nothing (`config.model.conditioning` = text | class | none).
+
+Objective (dalle_jax/diffusion/gaussian.py): for x0 from the data, t ~ U{0..T-1},
+ε ~ N(0, I): the U-Net's prediction (ε, x0 or v, `config.diffusion.prediction_type`)
+regressed with plain MSE or min-SNR-γ weighting (`config.diffusion.loss_weighting`),
+plus improved DDPM's variational term for learned variance. With probability
+`config.diffusion.cond_drop_prob` a caption is replaced by the blank caption (the
+tokenizer's encoding of "") or a label by the null class, which trains the
+unconditional model classifier-free guidance needs.
+
+Metrics: loss, and loss by quarter of the timestep range (loss_t0 = t < T/4 ...
+loss_t3 = t >= 3T/4). Preview: a grid of guided DDIM samples for the fixed
+captions in `config.sampling.prompts`.
+"""
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dalle_jax import parallel
+from dalle_jax.data import images as images_lib
+from dalle_jax.diffusion import gaussian
+from dalle_jax.diffusion import guidance as guidance_lib
+from dalle_jax.diffusion import samplers
+from dalle_jax.diffusion import schedule as schedule_lib
+from dalle_jax.models import clip as clip_lib
+from dalle_jax.models import text2im
+from dalle_jax.tasks import base
+
+log = logging.getLogger(__name__)
+
+NUM_QUARTERS = 4
+
+
+def scheduler_config(diffusion_cfg):
+  """SchedulerConfig from `config.diffusion` (its scheduler keys; the loss keys are skipped)."""
+  names = {f.name for f in dataclasses.fields(schedule_lib.SchedulerConfig)}
+  d = diffusion_cfg.to_dict() if hasattr(diffusion_cfg, "to_dict") else dict(diffusion_cfg)
+  return schedule_lib.SchedulerConfig.from_dict({k: v for k, v in d.items() if k in names})
+
+
+class FrozenClipText:
+  """A CLIP text tower held fixed: ids, mask -> (token states (B, T, D), unit embedding (B, E))."""
+
+  def __init__(self, path, dtype="float32"):
+    from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self.config, variables = checkpoint.load_model(path)
+    if self.config.get("family") != "clip":
+      raise ValueError(f"config.text_encoder.clip={path}: family {self.config.get('family')!r}, "
+                       "expected a CLIP workdir or imported checkpoint")
+    self.model = clip_lib.build_model(self.config, dtype=dtype)
+    self.params = {"params": variables["params"]}
+    t = self.config.model.text
+    self.width, self.embed_dim, self.max_len = int(t.width), int(self.config.model.embed_dim), int(t.max_len)
+
+  def __call__(self, ids_bt, mask_bt):
+    emb_be, state = self.model.apply(
+        jax.lax.stop_gradient(self.params), ids_bt, mask_bt, method=clip_lib.CLIP.encode_text,
+        capture_intermediates=lambda mdl, _: mdl.name == "ln_final")
+    states_btd = state["intermediates"]["text"]["ln_final"]["__call__"][0]
+    return jax.lax.stop_gradient(states_btd), jax.lax.stop_gradient(emb_be)
+
+
+class DiffusionTask(base.Task):
+  name = "diffusion"
+
+  def __init__(self, config):
+    super().__init__(config)
+    m = config.model
+    self.conditioning = m.conditioning
+    self.image_size = int(config.data.image_size)
+    self.channels = int(m.unet.get("in_channels", 3))
+    self.sched = scheduler_config(config.diffusion)
+    self.diffusion = gaussian.Diffusion(self.sched)
+    self.frozen = None
+    clip_path = config.get("text_encoder", {}).get("clip", "")
+    if self.conditioning == "text" and clip_path:
+      self.frozen = FrozenClipText(clip_path, dtype=config.dtype)
+      self.model = text2im.build(config, text_width=self.frozen.width)
+      self.text_len = self.frozen.max_len
+    else:
+      self.model = text2im.build(config)
+      self.text_len = int(m.text.max_len) if self.conditioning == "text" else 0
+    self._tokenizer = None
+
+  # --- text ---------------------------------------------------------------------
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+      if self.frozen is not None:
+        c = self.frozen.config
+        self._tokenizer = tokenizers.get_tokenizer(c.text, data_cfg=c.get("data"),
+                                                   base_dir=self.frozen.path)
+      else:
+        self._tokenizer = tokenizers.get_tokenizer(self.config.text, data_cfg=self.config.data)
+        vocab = int(self.config.model.text.vocab_size)
+        if self._tokenizer.vocab_size > vocab:
+          raise ValueError(f"tokenizer has {self._tokenizer.vocab_size} ids but "
+                           f"model.text.vocab_size={vocab}; raise config.model.text.vocab_size")
+    return self._tokenizer
+
+  def tokenize(self, captions):
+    """Captions -> (ids int32 (N, L), mask bool (N, L)) at the text encoder's context."""
+    return self.tokenizer.encode(list(captions), self.text_len)
+
+  def blank_text(self):
+    ids, mask = self.tokenize([""])
+    return ids[0], mask[0]
+
+  def null_cond(self, n):
+    """The unconditional rows of guidance: blank captions or the null class."""
+    if self.conditioning == "text":
+      ids, mask = self.blank_text()
+      return {"text_ids": np.repeat(ids[None], n, 0), "text_mask": np.repeat(mask[None], n, 0)}
+    if self.conditioning == "class":
+      return {"label": np.full((n,), int(self.config.model.num_classes), np.int32)}
+    return {}
+
+  def cond_of(self, batch):
+    """The conditioning entries of a batch (text ids + mask, or label, or none)."""
+    keys = {"text": ("text_ids", "text_mask"), "class": ("label",), "none": ()}[self.conditioning]
+    return {k: batch[k] for k in keys}
+
+  def model_cond(self, cond):
+    """Batch conditioning -> the model's: a frozen encoder's states replace the ids."""
+    if self.frozen is None or self.conditioning != "text":
+      return cond
+    states, pooled = self.frozen(cond["text_ids"].astype(jnp.int32), cond["text_mask"])
+    return {"text_states": states.astype(jnp.float32), "text_pooled": pooled,
+            "text_mask": cond["text_mask"]}
+
+  def drop_cond(self, cond, rng, p):
+    """Replaces each row's conditioning by the null one with probability p."""
+    if p <= 0 or self.conditioning == "none":
+      return cond
+    any_leaf = next(iter(cond.values()))
+    n = any_leaf.shape[0]
+    null = self.null_cond(1)
+    drop_b = jax.random.bernoulli(rng, p, (n,))
+    out = {}
+    for k, v in cond.items():
+      d = drop_b.reshape((n,) + (1,) * (v.ndim - 1))
+      out[k] = jnp.where(d, jnp.asarray(null[k]).astype(v.dtype), v)
+    return out
+
+  # --- data ---------------------------------------------------------------------
+  def preprocess(self, example):
+    """Keeps image (H, W, C) float32 in [-1, 1] plus text_ids/text_mask or label."""
+    image = np.asarray(example["image"], np.float32)
+    s, c = self.image_size, self.channels
+    if image.shape != (s, s, c):
+      raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, {c}): "
+                       f"set config.data.image_size={s}")
+    out = {"image": image}
+    if self.conditioning == "text":
+      if "caption" not in example:
+        raise KeyError(f"conditioning='text' needs captions; example has fields {sorted(example)}")
+      ids, mask = self.tokenize([example["caption"]])
+      out.update(text_ids=ids[0], text_mask=mask[0])
+    elif self.conditioning == "class":
+      if "label" not in example:
+        raise KeyError(f"conditioning='class' needs a 'label' field; example has {sorted(example)}")
+      out["label"] = np.asarray(example["label"], np.int32)
+    example.clear()  # in place as well: a pipeline may keep the dict it passed in
+    example.update(out)
+    return example
+
+  def dummy_batch(self, batch_size):
+    s, c = self.image_size, self.channels
+    out = {"image": np.zeros((batch_size, s, s, c), np.float32)}
+    if self.conditioning == "text":
+      out.update(text_ids=np.zeros((batch_size, self.text_len), np.int32),
+                 text_mask=np.ones((batch_size, self.text_len), bool))
+    elif self.conditioning == "class":
+      out["label"] = np.zeros((batch_size,), np.int32)
+    return out
+
+  # --- model --------------------------------------------------------------------
+  def init(self, rng, batch):
+    cond = self.model_cond(jax.tree.map(lambda x: x[:1], self.cond_of(batch)))
+    x = jnp.asarray(batch["image"][:1])
+    t = jnp.zeros((1,), jnp.int32)
+    return self.model.init({"params": rng, "dropout": rng}, x, t, cond)
+
+  def _loss(self, params, batch, rng, train):
+    k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
+    cond = self.cond_of(batch)
+    if train:
+      cond = self.drop_cond(cond, k_drop, float(self.config.diffusion.cond_drop_prob))
+    cond = self.model_cond(cond)
+    enc = self.model.apply({"params": params}, cond, method=text2im.Text2Im.encode)
+
+    def model_fn(x_bhwc, t_b):
+      return self.model.apply({"params": params}, x_bhwc, t_b, **enc, train=train,
+                              method=text2im.Text2Im.denoise, rngs={"dropout": k_dropout})
+
+    d = self.config.diffusion
+    loss_b, t_b = self.diffusion.training_loss(
+        model_fn, batch["image"].astype(jnp.float32), k_loss, weighting=d.loss_weighting,
+        min_snr_gamma=float(d.min_snr_gamma))
+    metrics = {}
+    q_b = jnp.minimum(t_b * NUM_QUARTERS // self.sched.num_train_timesteps, NUM_QUARTERS - 1)
+    for q in range(NUM_QUARTERS):
+      in_q = (q_b == q).astype(jnp.float32)
+      # mean over this step's rows in the quarter (0 when none fell there)
+      metrics[f"loss_t{q}"] = jnp.sum(loss_b * in_q) / jnp.maximum(jnp.sum(in_q), 1.0)
+    return jnp.mean(loss_b), metrics
+
+  def loss_fn(self, params, model_state, batch, rng, step):
+    loss, metrics = self._loss(params, batch, rng, train=True)
+    return loss, (metrics, model_state)
+
+  def eval_fn(self, params, model_state, batch, rng):
+    loss, metrics = self._loss(params, batch, rng, train=False)
+    return dict(metrics, loss=loss)
+
+  # --- sampling -----------------------------------------------------------------
+  def model_fn(self, params, cond, guidance_scale=1.0):
+    """(x_t (B, H, W, C), t (B,)) -> model output, guided when guidance_scale != 1.
+
+    cond: the batch conditioning of the B rows. With guidance, the conditional and
+    unconditional rows go through the U-Net in ONE pass of 2B rows.
+    """
+    denoise = lambda enc: lambda x, t: self.model.apply(
+        {"params": params}, x, t, **enc, method=text2im.Text2Im.denoise)
+    encode = lambda c: self.model.apply({"params": params}, self.model_cond(c),
+                                        method=text2im.Text2Im.encode)
+    if self.conditioning == "none" or guidance_scale == 1.0:
+      return denoise(encode(cond))
+    n = next(iter(cond.values())).shape[0]
+    null = jax.tree.map(jnp.asarray, self.null_cond(n))
+    both = {k: jnp.concatenate([jnp.asarray(cond[k]), null[k].astype(jnp.asarray(cond[k]).dtype)])
+            for k in cond}
+    return guidance_lib.classifier_free_guidance(denoise(encode(both)), guidance_scale,
+                                                 learned_variance=self.sched.learned_variance)
+
+  def sample(self, params, cond, x_T, rng, *, sampler="ddim", steps=50, eta=0.0,
+             guidance_scale=1.0, sched=None, progress=None):
+    """x_T (B, H, W, C) + conditioning -> x_0 in [-1, 1] (float32); jittable."""
+    fn = self.model_fn(params, cond, guidance_scale)
+    return samplers.sample(fn, sched or self.sched, x_T, sampler=sampler, steps=steps, rng=rng,
+                           eta=eta, progress=progress)
+
+  def preview(self, params, model_state, batch, rng):
+    """Guided samples for the fixed captions of config.sampling (one row per caption)."""
+    s = self.config.sampling
+    n = int(s.samples_per_prompt)
+    if self.conditioning == "text":
+      prompts = list(s.prompts)
+      ids, mask = self.tokenize(prompts)
+      cond = {"text_ids": np.repeat(ids, n, 0), "text_mask": np.repeat(mask, n, 0)}
+      rows = len(prompts)
+    elif self.conditioning == "class":
+      labels = np.arange(min(int(self.config.model.num_classes), 8), dtype=np.int32)
+      cond, rows = {"label": np.repeat(labels, n)}, len(labels)
+    else:
+      cond, rows = {}, 1
+    shape = (rows * n, self.image_size, self.image_size, self.channels)
+    k_noise, k_sample = jax.random.split(rng)
+    fn = getattr(self, "_preview_fn", None)
+    if fn is None:
+      fn = self._preview_fn = jax.jit(lambda p, c, x, r: self.sample(
+          p, c, x, r, sampler=s.sampler, steps=int(s.steps), eta=float(s.eta),
+          guidance_scale=float(s.guidance_scale)))
+    x0 = fn(params, cond, jax.random.normal(k_noise, shape, jnp.float32), k_sample)
+    images = images_lib.to_uint8(parallel.to_host(x0))
+    if images.shape[-1] == 1:
+      images = np.repeat(images, 3, -1)
+    return {"samples": images_lib.image_grid(images, ncols=n)}
+
+  # --- accounting -----------------------------------------------------------------
+  def flops_per_example(self):
+    """3x the forward FLOPs of one example (text encoder + U-Net), from XLA's cost model."""
+    if getattr(self, "_flops", None) is None:
+      batch = self.dummy_batch(1)
+      abstract = jax.eval_shape(self.init, jax.random.PRNGKey(0), batch)
+      params = parallel.unbox(abstract)["params"]
+
+      def fwd(p, b):
+        cond = self.model_cond(self.cond_of(b))
+        return self.model.apply({"params": p}, b["image"], jnp.zeros((1,), jnp.int32), cond)
+
+      cost = jax.jit(fwd).lower(params, batch).cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      self._flops = 3.0 * float((cost or {}).get("flops", 0.0)) or None
+    return self._flops
+
+
+TASK = DiffusionTask
