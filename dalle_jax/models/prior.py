@@ -13,8 +13,10 @@ image embedding x0 (Karlo's prior is an x0-predictor, sampled with clipping).
 
 The diffusion runs on *normalised* image embeddings, (e - mean) / std with Karlo's
 per-dimension CLIP statistics (`clip_mean` / `clip_std`); the model holds them in
-the non-trainable collection 'clip_stats' (`mean`, `std`: ones/zeros at init, set
-by the task or the importer) and `normalize` / `denormalize` apply them.
+the non-trainable collection 'clip_stats' (`mean` 0 and `std` 1 at init, set by the
+task from the training embeddings or by the importer) and `normalize` / `denormalize`
+apply them. diffusers' mask quirk: its PriorTransformer is causal only when given a
+text mask (UnCLIPPipeline always gives one); this model is always causal.
 
 Every tensor of diffusers' `PriorTransformer` maps onto one parameter here (see
 dalle_jax/convert/karlo.py): the transformer is `layers.Stack` of `layers.PreLNBlock`
