@@ -239,6 +239,7 @@ def test_gan_trains_through_the_trainer(tmp_path):
   c = _tiny_gan_config()
   c.loss.disc_start = 2  # GAN terms from the third step (step index 2)
   c.disc.norm = "batch"  # the real presets' discriminator
+  c.model.attn_resolutions = ()  # fewer ops to compile
   c.data.dataset, c.data.data_dir = "shapes/16px_40", str(tmp_path / "data")
   c.mesh.data = 8
   c.batch_size, c.total_steps, c.log_every = 8, 4, 1

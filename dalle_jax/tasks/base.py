@@ -20,15 +20,22 @@ metrics and the loop; it calls these methods:
   (e.g. EMA codebooks). Gradients of `loss` w.r.t. *all* params are applied per
   group, so a GAN stops gradients between its two terms itself.
 * `eval_fn(params, model_state, batch, rng) -> metrics` (scalars, averaged over
-  eval batches by the trainer).
+  eval batches by the trainer; jitted by it, inputs as for `loss_fn`).
 * `preview(params, model_state, batch, rng) -> {name: uint8 (H, W, 3)}` — images
-  the trainer writes as PNGs in the workdir (host-side; may call jitted fns).
+  the trainer writes as PNGs in the workdir. `batch` holds the eval batch as
+  global jax.Arrays sharded like a train batch (each process contributed its
+  rows; string fields dropped) and the parameters are sharded over every
+  device, across processes: compute with jitted functions and bring results
+  back with `parallel.to_host` (never np.asarray on a global array). Every
+  process returns the same host numpy images; process 0 writes them.
 * `flops_per_example()` / `tokens_per_example()` — optional, for MFU and tokens/s.
 """
 import ml_collections
 import numpy as np
 
 import jax
+
+from dalle_jax.data import images as images_lib
 
 
 class Task:
@@ -92,19 +99,6 @@ def get_task(config) -> Task:
   return module.TASK(config)
 
 
-def image_grid(images_nhwc, ncols=None, pad=2):
-  """uint8 grid of N images (N, H, W, 3), padded with white lines."""
-  images = np.asarray(images_nhwc)
-  n, h, w, c = images.shape
-  ncols = ncols or int(np.ceil(np.sqrt(n)))
-  nrows = int(np.ceil(n / ncols))
-  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
-  for i, img in enumerate(images):
-    r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = img
-  return grid
-
-
-def to_uint8(images):
-  """[-1, 1] float images -> uint8."""
-  return np.asarray(np.clip((np.asarray(images, np.float32) + 1) * 127.5 + 0.5, 0, 255), np.uint8)
+# One home for image utilities (data/images.py); kept here for the tasks' previews.
+image_grid = images_lib.image_grid
+to_uint8 = images_lib.to_uint8
