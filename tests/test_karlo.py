@@ -361,3 +361,31 @@ def test_karlo_sizes_map_name_for_name():
   mine = {dconv.diffusers_name(p, 4): int(np.prod(s))
           for p, s in dconv.expected_shapes(cfg).items()}
   assert mine == sizes(ref_dec) and 885e6 < sum(mine.values()) < 886e6
+
+
+def test_text_projection_is_trainable():
+  """Logical names on every parameter (known to the rules, distinct mesh axes); with image
+  dropout the learned null embedding gets the dropped rows' gradient and the input image
+  embedding only the kept rows'."""
+  tp = unclip_lib.TextProjection(context_dim=X, time_embed_dim=T_EMB, dtype=jnp.bfloat16)
+  inp = _inputs(5)
+  args = (inp["image_embed"], inp["text_embed"], inp["text"], inp["mask"])
+  variables = jax.jit(tp.init)(jax.random.PRNGKey(0), *args)
+  rules = dict(DEFAULT_RULES)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(
+      variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+    assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim, path
+    mesh_axes = [rules[n] for n in leaf.names if rules[n] is not None]
+    assert len(mesh_axes) == len(set(mesh_axes)), (path, leaf.names)
+  params = nn.unbox(variables["params"])
+
+  def loss(p, image_embed, drop):
+    ctx, _, time_add = tp.apply({"params": p}, image_embed, *args[1:], drop_image_b=drop)
+    assert ctx.shape == (B, 4 + S, X) and time_add.dtype == jnp.float32
+    return jnp.sum(ctx.astype(jnp.float32) ** 2) + jnp.sum(time_add ** 2)
+
+  g_p, g_img = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, args[0], np.array([True, False]))
+  assert np.abs(np.asarray(g_p["null_image_embed"])).max() > 0
+  assert np.abs(np.asarray(g_img[0])).max() == 0 and np.abs(np.asarray(g_img[1])).max() > 0
+  for path, g in jax.tree_util.tree_flatten_with_path(g_p)[0]:
+    assert np.all(np.isfinite(np.asarray(g))), path
