@@ -160,12 +160,12 @@ def get_config(arg=None):
                                    cond_drop_prob=0.1)
     c.data.dataset = "shapes/32px_5000"
     c.batch_size = 32
-    c.total_steps = 600
-    c.log_every = 50
-    c.eval_every = 300
+    c.total_steps = 300
+    c.log_every = 25
+    c.eval_every = 150
     c.eval_batches = 2
     c.preview_every = 0
-    c.checkpoint_every = 300
+    c.checkpoint_every = 100
     c.dtype = "float32"  # CPU: bf16 convolutions are no faster there (measured)
     c.ema_decay = 0.99  # a short run: the average must follow within ~100 steps
     c.optimizer = common.optimizer_config("adamw", lr=2e-3)
@@ -180,8 +180,7 @@ def get_config(arg=None):
     c.data.dataset = "cifar10"
     c.batch_size = 128
     c.total_steps = 800_000
-    c.optimizer = common.optimizer_config("adam", lr=2e-4)
-    c.optimizer.name = "adamw"
+    c.optimizer = common.optimizer_config("adamw", lr=2e-4)  # DDPM: Adam, no weight decay
     c.optimizer.schedule = "constant"
     c.optimizer.warmup_steps = 5000
     c.ema_decay = 0.9999

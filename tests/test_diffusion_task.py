@@ -186,3 +186,39 @@ def test_loss_by_quarter_caption_dropout_and_eval(tmp_path):
     assert float(metrics[f"loss_t{q}"]) == 0.0
   ev = jax.eval_shape(task.eval_fn, variables["params"], {}, batch, rng)
   assert set(ev) == {"loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3"}
+
+
+def test_frozen_clip_text_tower(tmp_path):
+  """text_encoder.clip: the CLIP tower's token states and embedding condition the U-Net;
+  its parameters stay outside the trained tree, and its tokenizer is used."""
+  import flax.linen as nn
+  from configs import clip as clip_cfg
+  from dalle_jax.data import tokenizers
+  from dalle_jax.models import clip as clip_lib
+  from dalle_jax.train import checkpoint as ckpt
+  captions = [f"a {c} circle on a {b} background" for c in ("red", "blue") for b in ("white", "black")]
+  tok = tokenizers.train_sentencepiece(captions * 20, str(tmp_path / "clip" / "sp.model"), 48)
+  c = clip_cfg.get_config("shapes")
+  c.model.text.vocab_size = c.text.vocab_size = tok.vocab_size
+  c.text.path = "sp.model"
+  model = clip_lib.build_model(c)
+  shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                        *clip_lib.dummy_inputs(c, 1)))
+  rng = np.random.RandomState(0)
+  clip_vars = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+  ckpt.save_imported(str(tmp_path / "clip"), c, clip_vars)
+
+  config = tiny_config(tmp_path)
+  config.unlock()
+  config.text_encoder.clip = str(tmp_path / "clip")
+  task = diffusion_task.DiffusionTask(config)
+  assert task.text_len == c.model.text.max_len and task.tokenizer.vocab_size == tok.vocab_size
+  ids, mask = task.tokenize(captions[:2])
+  cond = task.model_cond({"text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)})
+  assert cond["text_states"].shape == (2, c.model.text.max_len, c.model.text.width)
+  np.testing.assert_allclose(np.linalg.norm(cond["text_pooled"], axis=-1), 1.0, rtol=1e-5)
+  # different captions, different states (the tower really runs)
+  assert np.abs(np.asarray(cond["text_states"][0] - cond["text_states"][1])).max() > 1e-4
+  abstract = parallel.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0), task.dummy_batch(2)))
+  assert set(abstract["params"]) == {"unet"}  # nothing of CLIP is trained
+  assert abstract["params"]["unet"]["embed_text"]["kernel"].shape[0] == c.model.embed_dim
