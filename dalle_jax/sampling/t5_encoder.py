@@ -98,7 +98,9 @@ class T5TextEncoder:
       for s in self._batches(len(ids_nl), "texts"):
         ids, mask = ids_nl[s:s + self.batch_size], mask_nl[s:s + self.batch_size]
         m = len(ids)
-        pad = (-m) % self.n_rows  # every device gets the same number of rows
+        # Every device gets the same number of rows; a short last batch is padded to
+        # the others' size (one compiled program: an XXL compile outlasts the padding).
+        pad = self.batch_size - m if len(ids_nl) > self.batch_size else (-m) % self.n_rows
         if pad:
           ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
           mask = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
