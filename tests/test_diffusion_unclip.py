@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dalle_jax.diffusion import samplers, schedule  # noqa: E402
+from dalle_jax.diffusion import interpolation, samplers, schedule  # noqa: E402
 from dalle_jax.diffusion.schedule import SchedulerConfig  # noqa: E402
 from tests.test_diffusion_samplers import _Float64  # noqa: E402
 
@@ -282,3 +282,50 @@ def test_inpainting_errors():
   with pytest.raises(ValueError, match=r"known_mask shape \(2, 5, 4, 1\) does not broadcast"):
     samplers.sample(lambda x, t: x, cfg, x, sampler="ddim", steps=4, known_x0=x,
                     known_mask=np.ones((2, 5, 4, 1)))
+
+
+# --- spherical interpolation ----------------------------------------------------
+
+def test_slerp_unit_vectors_endpoints_and_angles():
+  r = np.random.RandomState(30)
+  a, b = r.randn(2, 5, 16)
+  a /= np.linalg.norm(a, axis=-1, keepdims=True)
+  b /= np.linalg.norm(b, axis=-1, keepdims=True)
+  t = np.linspace(0, 1, 9, dtype=np.float32)[:, None, None]  # (frames, 1, 1) against (5, 16)
+  frames = np.asarray(jax.jit(interpolation.slerp)(a, b, t))
+  assert frames.shape == (9, 5, 16)
+  a32, b32 = a.astype(np.float32), b.astype(np.float32)
+  np.testing.assert_array_equal(frames[0], a32)  # endpoints exact
+  np.testing.assert_array_equal(frames[-1], b32)
+  np.testing.assert_allclose(np.linalg.norm(frames, axis=-1), 1.0, atol=1e-6)  # stays on the sphere
+  theta = np.arccos(np.sum(a * b, -1))  # the angle to a grows linearly, in the plane of a and b
+  angle = np.arccos(np.clip(np.einsum("fbe,be->fb", frames.astype(np.float64), a), -1, 1))
+  np.testing.assert_allclose(angle[1:], t[1:, :, 0] * theta, atol=1e-5)  # (arccos is ill-conditioned at 0)
+  perp = b - np.sum(a * b, -1, keepdims=True) * a
+  perp /= np.linalg.norm(perp, axis=-1, keepdims=True)
+  np.testing.assert_allclose(frames, np.cos(t * theta[:, None]) * a + np.sin(t * theta[:, None]) * perp,
+                             atol=2e-6)
+  # orthogonal: the midpoint is (a + b) / sqrt 2
+  e = np.eye(4, dtype=np.float32)
+  np.testing.assert_allclose(interpolation.slerp(e[0], e[1], 0.5), (e[0] + e[1]) / np.sqrt(2), atol=1e-7)
+
+
+def test_slerp_small_angles_fall_back_to_lerp_and_x_T():
+  r = np.random.RandomState(31)
+  a = r.randn(3, 8).astype(np.float32)
+  for b in (a, a + 1e-6 * r.randn(3, 8).astype(np.float32), -a):  # equal, nearly parallel, opposite
+    got = np.asarray(interpolation.slerp(a, b, 0.3))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, 0.7 * a + 0.3 * b, atol=1e-6)
+  grad = jax.grad(lambda x: interpolation.slerp(a, x, 0.3).sum())(jnp.asarray(a))
+  assert np.all(np.isfinite(np.asarray(grad)))
+  # x_T of equal norm keep it over whole samples (axis=(1, 2, 3)); lerp would shrink the middle
+  x0, x1 = r.randn(2, 1, 4, 4, 3).astype(np.float32)
+  x1 *= np.linalg.norm(x0) / np.linalg.norm(x1)
+  t = np.linspace(0, 1, 5, dtype=np.float32)[:, None, None, None]
+  frames = np.asarray(interpolation.slerp(x0, x1, t, axis=(1, 2, 3)))
+  assert frames.shape == (5, 4, 4, 3)
+  np.testing.assert_allclose(np.linalg.norm(frames.reshape(5, -1), axis=1), np.linalg.norm(x0), rtol=1e-5)
+  assert np.linalg.norm(0.5 * (x0 + x1)) < 0.9 * np.linalg.norm(x0)
+  with pytest.raises(ValueError, match=r"slerp endpoints differ in shape: \(3, 8\) vs \(3, 7\)"):
+    interpolation.slerp(a, a[:, :7], 0.5)
