@@ -158,10 +158,11 @@ class PositionBias(nn.Module):
   num_heads: int
   num_buckets: int
   param_dtype: Dtype = jnp.float32
+  init_std: float = 1.0  # T5 uses d_model ** -0.5
 
   @nn.compact
   def __call__(self, buckets_ts):
-    table = layers.param_with_axes(self, "table", nn.initializers.normal(1.0),
+    table = layers.param_with_axes(self, "table", nn.initializers.normal(self.init_std),
                                    (self.num_buckets, self.num_heads), ("relpos_buckets", "heads"),
                                    self.param_dtype)
     bias_tsh = jnp.take(table.astype(jnp.float32), buckets_ts, axis=0)
@@ -221,7 +222,7 @@ class T5Block(nn.Module):
     del layer_arg
     if self.per_layer_position_bias:
       bias_1hts = PositionBias(self.num_heads, self.num_buckets, self.param_dtype,
-                               name="position_bias")(buckets_ts)
+                               x_btd.shape[-1] ** -0.5, name="position_bias")(buckets_ts)
     norm = lambda name: RMSNorm(self.epsilon, self.param_dtype, name=name)
     h = norm("ln_attn")(x_btd).astype(self.dtype)
     x_btd = x_btd + T5Attention(self.num_heads, self.head_dim, self.dtype, self.param_dtype,
@@ -268,7 +269,8 @@ class T5Encoder(nn.Module):
     bias_1hts = None
     if not self.per_layer_position_bias:  # one table for all layers (HF: block 0's)
       bias_1hts = PositionBias(self.num_heads, self.relative_attention_num_buckets,
-                               self.param_dtype, name="position_bias")(buckets_ts)
+                               self.param_dtype, self.d_model ** -0.5,
+                               name="position_bias")(buckets_ts)
     block_kwargs = dict(
         num_heads=self.num_heads, head_dim=self.d_kv, d_ff=self.d_ff, activation=self.activation,
         gated=self.gated, num_buckets=self.relative_attention_num_buckets,
