@@ -9,7 +9,8 @@ learns to fix what the previous stage got wrong; sampling uses one fixed level
 (IF: 250 of 1000 by default).
 
 Blur augmentation (unCLIP's upsamplers): a separable Gaussian blur of the
-conditioning image, its sigma drawn per example in training.
+conditioning image, its sigma drawn per example in training. `upsample_bicubic`
+is unCLIP's resize of the low-res image to the stage's size.
 
 Shapes: B batch, H height, W width, C channels, K blur taps.
 """
@@ -19,6 +20,15 @@ import numpy as np
 
 from dalle_jax.diffusion import gaussian
 from dalle_jax.diffusion.schedule import SchedulerConfig
+
+def upsample_bicubic(x_bhwc, size):
+  """unCLIP's (Karlo's) low-res upsampling: torch's interpolate(mode="bicubic", align_corners=False,
+  antialias=True), i.e. the a = -0.5 cubic with weights renormalised at the borders, which is
+  jax.image.resize's bicubic (IF's bilinear align_corners=True is convert/deepfloyd_if.py's)."""
+  h, w = (size, size) if isinstance(size, int) else size
+  return jax.image.resize(x_bhwc.astype(jnp.float32), (x_bhwc.shape[0], h, w, x_bhwc.shape[-1]), "bicubic",
+                          antialias=True)
+
 
 # IF stage II's `image_noising_scheduler`: DDPMScheduler(beta_schedule="squaredcos_cap_v2")
 IF_NOISING = SchedulerConfig(beta_schedule="squaredcos_cap_v2")

@@ -18,6 +18,8 @@ their quirks:
     has no clip_sample; thresholding with sample_max_value=1 is static clipping).
   - UnCLIP: DDPM ancestral over its own spacing (T-1 .. 0); between adjacent
     timesteps it takes beta_t from the table, otherwise 1 - abar_t / abar_prev.
+    Its last step is always t = 0, where Karlo's super-resolution swaps in its
+    second U-Net (super_res_last): a model_fn can switch on t == 0.
 
 `sample(..., known_x0=, known_mask=)` inpaints by replacement (DALL-E 2's edits,
 RePaint without resampling): after every step the known region is set to
