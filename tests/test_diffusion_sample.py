@@ -174,3 +174,18 @@ def test_converted_unet2d_samples_like_diffusers_ddim(tmp_path):
   # the same run without --unconditional is refused (no prompts for this model), as is a prompt
   with pytest.raises(SystemExit, match="unconditional"):
     _main(["--checkpoint", str(ckpt_dir), "--prompt", "a cat", "--out", str(tmp_path / "e.png")])
+
+
+def test_task_preview_grid_for_fixed_captions(checkpoint):
+  """The trainer's preview: guided DDIM samples of config.sampling.prompts, one row each;
+  the eval batch (global arrays in the trainer) is not needed."""
+  from dalle_jax.train import checkpoint as ckpt
+  config, variables = ckpt.load_model(checkpoint)
+  config.sampling.update(dict(prompts=CAPTIONS[:2], samples_per_prompt=3, steps=2))
+  task = diffusion_task.DiffusionTask(config)
+  out = task.preview(variables["params"], {}, task.dummy_batch(2), jax.random.PRNGKey(0))
+  grid = out["samples"]
+  pad = 2
+  assert grid.dtype == np.uint8
+  assert grid.shape == (2 * (SIZE + pad) + pad, 3 * (SIZE + pad) + pad, 3)
+  assert grid[pad:pad + SIZE, pad:pad + SIZE].std() > 5
