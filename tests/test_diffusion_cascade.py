@@ -1,5 +1,6 @@
-"""Cascade conditioning: noise-conditioning augmentation against diffusers' add_noise with DeepFloyd IF
-stage II's image_noising_scheduler, Gaussian blur against scipy, unCLIP's bicubic upsampling against torch."""
+"""Cascade conditioning: noise-conditioning augmentation against diffusers' add_noise with DeepFloyd
+IF stage II's image_noising_scheduler, Gaussian blur against scipy, unCLIP's bicubic upsampling
+against torch."""
 import json
 import math
 
@@ -119,7 +120,8 @@ def test_upsample_bicubic_equals_unclip_pipelines_interpolate():
   x = np.random.RandomState(4).uniform(-1, 1, (2, 8, 6, 3)).astype(np.float32)
   for size in (32, (16, 24), 8):
     hw = [size, size] if isinstance(size, int) else list(size)
-    want = torch.nn.functional.interpolate(nchw(x), size=hw, mode="bicubic", align_corners=False, antialias=True)
+    want = torch.nn.functional.interpolate(nchw(x), size=hw, mode="bicubic", align_corners=False,
+                                           antialias=True)
     got = cascade.upsample_bicubic(x, size)
     assert got.shape == (2, *hw, 3)
     np.testing.assert_allclose(got, nhwc(want), atol=1e-6, err_msg=str(size))

@@ -37,7 +37,8 @@ _MODULE = diffusers.schedulers.scheduling_unclip
 KARLO_PRIOR = {"_class_name": "UnCLIPScheduler", "_diffusers_version": "0.12.0.dev0", "clip_sample": True,
                "clip_sample_range": 5.0, "num_train_timesteps": 1000, "prediction_type": "sample",
                "variance_type": "fixed_small_log"}
-KARLO_DECODER = dict(KARLO_PRIOR, clip_sample_range=1.0, prediction_type="epsilon", variance_type="learned_range")
+KARLO_DECODER = dict(KARLO_PRIOR, clip_sample_range=1.0, prediction_type="epsilon",
+                     variance_type="learned_range")
 KARLO_SUPER_RES = dict(KARLO_PRIOR, clip_sample_range=1.0, prediction_type="epsilon")
 
 
@@ -122,7 +123,8 @@ def _run_case(d, shape, steps, scale, monkeypatch, seed=0):
       tb = np.full((shape[0],), t, np.int32)
       out = model(x.astype(np.float32), tb)
       p = jax.tree.map(lambda a: a[i], plan)
-      ours, _ = samplers.ddpm_step(cfg, p, jnp.asarray(x, jnp.float32), jnp.asarray(out), jnp.asarray(noises[i]))
+      ours, _ = samplers.ddpm_step(cfg, p, jnp.asarray(x, jnp.float32), jnp.asarray(out),
+                                   jnp.asarray(noises[i]))
       prev_t = None if i + 1 == len(ts) else ts[i + 1]  # as UnCLIPPipeline passes it
       x = _reference_step(ref, f64, out, t, x, prev_t, noises[i], monkeypatch)
       err = float(np.abs(np.asarray(ours) - x).max() / max(1.0, np.abs(x).max()))
@@ -132,7 +134,8 @@ def _run_case(d, shape, steps, scale, monkeypatch, seed=0):
   x_loop = jax.jit(lambda x: samplers.sample(model.jax_fn, cfg, x, sampler="unclip", steps=steps,
                                              rng=RNG))(jnp.asarray(x_T))
   loop_err = float(np.abs(np.asarray(x_loop) - x_ref[True]).max() / max(1.0, np.abs(x_ref[True]).max()))
-  print(f"unclip {shape} steps={steps}: one step f64 {worst[True]:.1e} f32 {worst[False]:.1e}, loop {loop_err:.1e}")
+  print(f"unclip {shape} steps={steps}: one step f64 {worst[True]:.1e} f32 {worst[False]:.1e}, "
+        f"loop {loop_err:.1e}")
   assert loop_err < TOL, loop_err
   return x_ref[True]
 
@@ -165,7 +168,8 @@ def test_karlo_configs_and_unclip_timesteps():
   assert schedule.native_sampler(json.loads(diffusers.DDIMScheduler().to_json_string())) == "ddim"
   assert schedule.native_sampler({}) is None
   # an older DPM-Solver config without timestep_spacing takes the class default (linspace)
-  assert SchedulerConfig.from_dict({"_class_name": "DPMSolverMultistepScheduler"}).timestep_spacing == "linspace"
+  old_dpm = SchedulerConfig.from_dict({"_class_name": "DPMSolverMultistepScheduler"})
+  assert old_dpm.timestep_spacing == "linspace"
   for n, k in [(1000, 10), (1000, 7), (1000, 25), (1000, 2), (100, 33), (50, 50)]:
     ref = diffusers.UnCLIPScheduler(num_train_timesteps=n)
     ref.set_timesteps(k)
@@ -218,7 +222,8 @@ def test_inpainting_keeps_known_region_exactly(sampler, steps):
                                                 known_x0=k, known_mask=m))
   edited = np.asarray(run(x_T, known, mask))
   np.testing.assert_array_equal(edited[:, :, :3], known[:, :, :3])
-  free = np.asarray(jax.jit(lambda x: samplers.sample(model, cfg, x, sampler=sampler, steps=steps, rng=rng))(x_T))
+  free = np.asarray(jax.jit(lambda x: samplers.sample(model, cfg, x, sampler=sampler, steps=steps,
+                                                      rng=rng))(x_T))
   np.testing.assert_allclose(edited[:, :, 3:], free[:, :, 3:], atol=1e-6)
   assert np.abs(edited[:, :, :3] - free[:, :, :3]).max() > 0.1
   if sampler == "ddim":
@@ -268,8 +273,8 @@ def test_inpainting_unknown_region_marginal_and_correlated_pull():
   n = out[..., 1].size
   print(f"replacement, correlated: unknown mean {mean:.3f} std {std:.3f} (conditional {rho * c}, "
         f"{math.sqrt(1 - rho ** 2):.2f}; marginal 0, 1)")
-  assert 0.5 * rho * c < mean < rho * c - 0.2 and math.sqrt(1 - rho ** 2) < std < 1 - 5 / math.sqrt(2 * n), (
-      mean, std)
+  assert 0.5 * rho * c < mean < rho * c - 0.2, mean
+  assert math.sqrt(1 - rho ** 2) < std < 1 - 5 / math.sqrt(2 * n), std
 
 
 def test_inpainting_errors():

@@ -26,8 +26,8 @@ def upsample_bicubic(x_bhwc, size):
   antialias=True), i.e. the a = -0.5 cubic with weights renormalised at the borders, which is
   jax.image.resize's bicubic (IF's bilinear align_corners=True is convert/deepfloyd_if.py's)."""
   h, w = (size, size) if isinstance(size, int) else size
-  return jax.image.resize(x_bhwc.astype(jnp.float32), (x_bhwc.shape[0], h, w, x_bhwc.shape[-1]), "bicubic",
-                          antialias=True)
+  shape = (x_bhwc.shape[0], h, w, x_bhwc.shape[-1])
+  return jax.image.resize(x_bhwc.astype(jnp.float32), shape, "bicubic", antialias=True)
 
 
 # IF stage II's `image_noising_scheduler`: DDPMScheduler(beta_schedule="squaredcos_cap_v2")
@@ -51,7 +51,8 @@ class NoiseAugmentation:
     if isinstance(level, (int, np.integer, np.ndarray)):  # (a traced level is the caller's to bound)
       bad = np.asarray(level)[(np.asarray(level) < 0) | (np.asarray(level) >= n)]
       if bad.size:
-        raise ValueError(f"noise level {bad.ravel()[0]} must be in [0, {n}) (the augmentation schedule's timesteps)")
+        raise ValueError(f"noise level {bad.ravel()[0]} must be in [0, {n}) "
+                         "(the augmentation schedule's timesteps)")
     level_b = jnp.broadcast_to(jnp.asarray(level, jnp.int32), (x_bhwc.shape[0],))
     return self.diffusion.q_sample(x_bhwc.astype(jnp.float32), level_b, noise_bhwc), level_b
 

@@ -216,7 +216,7 @@ def dpmpp_step(cfg: SchedulerConfig, p, x_bhwc, out_bhwc, x0_prev_bhwc):
 
 # --- the loop ----------------------------------------------------------------
 
-_STOCHASTIC = ("ddpm", "unclip")
+_ANCESTRAL = ("ddpm", "unclip")  # stepped by ddpm_step
 
 
 def make_plan(cfg: SchedulerConfig, sampler: str, steps: int, eta: float = 0.0):
@@ -256,7 +256,8 @@ def _check_known(x_T, known_x0, known_mask):
   try:
     np.broadcast_shapes(known_mask.shape, x_T.shape)
   except ValueError:
-    raise ValueError(f"known_mask shape {known_mask.shape} does not broadcast to x_T's {x_T.shape}") from None
+    raise ValueError(f"known_mask shape {known_mask.shape} does not broadcast to x_T's "
+                     f"{x_T.shape}") from None
   return known_x0, known_mask
 
 
@@ -277,7 +278,7 @@ def sample(model_fn: Callable, cfg: SchedulerConfig, x_T_bhwc, *, sampler: str =
   Any array shape works (e.g. (B, E) embeddings); (B, H, W, C) is named for images.
   """
   plan = make_plan(cfg, sampler, steps, eta)
-  stochastic = sampler in _STOCHASTIC or (sampler == "ddim" and eta > 0)
+  stochastic = sampler in _ANCESTRAL or (sampler == "ddim" and eta > 0)
   if stochastic and rng is None:
     raise ValueError(f"sampler={sampler!r} (eta={eta}) needs an rng")
   x_T = jnp.asarray(x_T_bhwc, jnp.float32)
@@ -285,22 +286,25 @@ def sample(model_fn: Callable, cfg: SchedulerConfig, x_T_bhwc, *, sampler: str =
   batch = x_T.shape[0]
   x_init = x_T
   if known_x0 is not None:  # x_T is itself the N(0, 1) draw for the first level
-    x_init = replace_known(x_T, known_x0, known_mask, plan["sqrt_abar"][0], plan["sqrt_one_minus_abar"][0], x_T)
+    x_init = replace_known(x_T, known_x0, known_mask, plan["sqrt_abar"][0],
+                           plan["sqrt_one_minus_abar"][0], x_T)
 
   def body(carry, xs):
     x, x0_prev = carry
     i, p = xs
     out = model_fn(x, jnp.broadcast_to(p["t"], (batch,))).astype(jnp.float32)
     noise = jax.random.normal(jax.random.fold_in(rng, i), x.shape, jnp.float32) if stochastic else None
-    if sampler in _STOCHASTIC:
+    if sampler in _ANCESTRAL:
       x, x0 = ddpm_step(cfg, p, x, out, noise)
     elif sampler == "ddim":
       x, x0 = ddim_step(cfg, p, x, out, noise)
     else:
       x, x0 = dpmpp_step(cfg, p, x, out, x0_prev)
     if known_x0 is not None:
-      known_noise = (jax.random.normal(jax.random.fold_in(jax.random.fold_in(rng, i), 1), x.shape, jnp.float32)
-                     if stochastic else x_T)
+      known_noise = x_T
+      if stochastic:
+        known_rng = jax.random.fold_in(jax.random.fold_in(rng, i), 1)  # apart from the step's noise
+        known_noise = jax.random.normal(known_rng, x.shape, jnp.float32)
       x = replace_known(x, known_x0, known_mask, p["sqrt_abar_next"], p["sqrt_one_minus_abar_next"],
                         known_noise)
     if progress is not None:
