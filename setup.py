@@ -19,6 +19,7 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "sentencepiece>=0.2",
+        "protobuf>=4.0",  # transformers reads SentencePiece protos (T5 spiece.model -> tokenizer.json)
         "transformers>=4.45",
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
