@@ -8,12 +8,17 @@ KIND selects `dalle_jax.convert.<module>.main(argv)`:
               tokenizer/                           -> checkpoint for tools.embed --t5
   diffusers_unet  diffusers UNet2DModel folder (+ scheduler_config.json), e.g. the DDPM
               releases                             -> checkpoint for sample.py --method diffusion
+  deepfloyd_if  DeepFloyd IF stage I / II diffusers pipeline folder (U-Net, scheduler, T5)
+                                           -> diffusion checkpoint (+ its T5 in text_encoder/)
+  karlo       Karlo (unCLIP) diffusers pipeline folder: prior, decoder, both super-resolution
+              U-Nets, CLIP text encoder, schedulers  -> checkpoint for sample.py --method unclip
 Run `python -m dalle_jax.tools.convert KIND --help` for each one's flags.
 """
 import importlib
 import sys
 
-KINDS = {"diffusers_unet": "diffusers_unet_checkpoint", "min_dalle": "min_dalle", "vqgan": "vqgan", "hf_clip": "hf_clip", "hf_t5": "hf_t5"}
+KINDS = {"diffusers_unet": "diffusers_unet_checkpoint", "deepfloyd_if": "deepfloyd_if", "min_dalle": "min_dalle", "vqgan": "vqgan", "hf_clip": "hf_clip", "hf_t5": "hf_t5",
+         "karlo": "karlo_checkpoint"}
 
 
 def main(argv=None):
