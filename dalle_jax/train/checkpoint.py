@@ -10,12 +10,13 @@ import json
 import logging
 import os
 import re
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from dalle_jax import paths
 
 
 class CheckpointMismatchError(ValueError):
@@ -62,7 +63,7 @@ class Checkpointer:
   """Saves TrainState + data-iterator state; restores the newest readable step."""
 
   def __init__(self, workdir, keep=3, async_save=True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = paths.resolve(workdir) / "checkpoints"
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
@@ -94,7 +95,7 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     damaged = []
     for step in steps:
-      where = os.path.join(self.directory, str(step))
+      where = self.directory / str(step)
       try:
         meta = self.manager.item_metadata(step)
         state_meta = meta["state"] if meta is not None and "state" in meta else None
@@ -131,17 +132,17 @@ class Checkpointer:
 # --- inference loading --------------------------------------------------------
 
 def _read_config(path):
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def _resolve_text_path(config, root):
   text = config.get("text")
-  if text is not None and text.get("path") and not os.path.isabs(text.path):
-    candidate = os.path.join(root, text.path)
-    if os.path.exists(candidate):
+  if text is not None and text.get("path") and not (os.path.isabs(text.path) or
+                                                    paths.is_remote(text.path)):
+    candidate = root / text.path
+    if candidate.exists():
       with config.unlocked():
-        config.text.path = candidate
+        config.text.path = os.fspath(candidate)
   return config
 
 
@@ -184,11 +185,18 @@ def _restore_entries(directory, keys, targets=None):
                                              partial_restore=True))
 
 
+def _saved_steps(ckpt_root):
+  """Step numbers under a workdir's checkpoints/, newest first."""
+  if not ckpt_root.is_dir():
+    return []
+  return sorted((int(d.name) for d in ckpt_root.iterdir() if d.name.isdigit()), reverse=True)
+
+
 def read_config(path):
   """The config.json of a training workdir or imported checkpoint directory."""
-  path = os.path.abspath(os.path.expanduser(path))
-  cfg_file = os.path.join(path, "config.json")
-  if not os.path.isfile(cfg_file):
+  path = paths.resolve(path)
+  cfg_file = path / "config.json"
+  if not cfg_file.is_file():
     raise FileNotFoundError(f"{path}: not a training workdir or imported checkpoint (no config.json)")
   return _resolve_text_path(_read_config(cfg_file), path)
 
@@ -204,20 +212,19 @@ def load_model(path, use_ema=True, params_target=None):
   restored straight into its shards on the mesh, so a model larger than one
   device (or, across processes, one host's memory) loads for sampling.
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.resolve(path)
   config = read_config(path)
-  if os.path.isdir(os.path.join(path, "variables")):  # imported checkpoint
-    directory = os.path.join(path, "variables")
+  if (path / "variables").is_dir():  # imported checkpoint
+    directory = path / "variables"
     keys = list(_item_metadata(directory).keys())
     return config, _restore_entries(directory, keys, {"params": params_target})
-  ckpt_root = os.path.join(path, "checkpoints")
-  steps = sorted((int(d) for d in os.listdir(ckpt_root) if d.isdigit()), reverse=True) \
-      if os.path.isdir(ckpt_root) else []
+  ckpt_root = path / "checkpoints"
+  steps = _saved_steps(ckpt_root)
   if not steps:
     raise FileNotFoundError(f"{path}: training workdir without checkpoints under {ckpt_root}")
   last_error = None
   for step in steps:
-    directory = os.path.join(ckpt_root, str(step), "state")
+    directory = ckpt_root / str(step) / "state"
     try:
       saved = _item_metadata(directory)
       key = "ema_params" if use_ema and saved.get("ema_params") is not None else "params"
@@ -239,15 +246,14 @@ def _newest_params(path, use_ema=True):
   """(directory, key) of the saved tree holding a model's parameters: an imported
   checkpoint's variables/ ('params'), or a workdir's newest checkpoint whose
   metadata reads back ('ema_params' when the run kept them and use_ema)."""
-  if os.path.isdir(os.path.join(path, "variables")):
-    return os.path.join(path, "variables"), "params"
-  ckpt_root = os.path.join(path, "checkpoints")
-  steps = sorted((int(d) for d in os.listdir(ckpt_root) if d.isdigit()), reverse=True) \
-      if os.path.isdir(ckpt_root) else []
+  if (path / "variables").is_dir():
+    return path / "variables", "params"
+  ckpt_root = path / "checkpoints"
+  steps = _saved_steps(ckpt_root)
   if not steps:
     raise FileNotFoundError(f"{path}: training workdir without checkpoints under {ckpt_root}")
   for step in steps:
-    directory = os.path.join(ckpt_root, str(step), "state")
+    directory = ckpt_root / str(step) / "state"
     try:
       saved = _item_metadata(directory)
     except Exception as e:  # damaged: fall back to the previous one
@@ -268,7 +274,7 @@ def load_params(path, target, include="", exclude="", use_ema=True):
   checkpoint parameter that passes the filter but is not in the model, is an
   error naming it; the others keep their target values.
   """
-  path = os.path.abspath(os.path.expanduser(path))
+  path = paths.resolve(path)
   directory, key = _newest_params(path, use_ema)
   inc = re.compile(include) if include else None
   exc = re.compile(exclude) if exclude else None
@@ -310,17 +316,14 @@ class _Shape:
 
 def save_imported(out_dir, config, variables):
   """Writes an imported checkpoint: out_dir/config.json + out_dir/variables/."""
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
-  target = os.path.join(out_dir, "variables")
-  if os.path.exists(target):
-    shutil.rmtree(target)
+  out_dir = paths.resolve(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  target = out_dir / "variables"
+  if target.exists():
+    target.rmtree()
   variables = jax.tree.map(np.asarray, variables)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(target, variables)
   ckptr.wait_until_finished()
-  tmp = os.path.join(out_dir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, os.path.join(out_dir, "config.json"))
-  return out_dir
+  paths.write_text(out_dir / "config.json", config.to_json_best_effort(indent=2))
+  return os.fspath(out_dir)

@@ -11,7 +11,6 @@ import collections
 import logging
 import os
 import re
-import shutil
 import signal
 import time
 
@@ -23,7 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from dalle_jax import parallel
+from dalle_jax import parallel, paths
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import checkpoint as ckpt_lib
 from dalle_jax.train import metrics as metrics_lib
@@ -226,39 +225,34 @@ def _snapshot_tokenizer(config, workdir):
   if not src and text.tokenizer == "sentencepiece":
     tokenizers.get_tokenizer(text, config.data)  # trains and caches it if needed
     src = tokenizers.cached_sentencepiece_path(text, config.data)
-  if not src or not os.path.exists(src):
+  if not src or not paths.resolve(src).exists():
     return config
-  dst = os.path.join(workdir, "tokenizer", os.path.basename(os.path.normpath(src)))
-  if jax.process_index() == 0 and os.path.abspath(src) != os.path.abspath(dst):
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if os.path.isdir(src):
-      shutil.copytree(src, dst, dirs_exist_ok=True)
-    else:
-      shutil.copyfile(src, dst + ".tmp")
-      os.replace(dst + ".tmp", dst)
+  src = paths.resolve(src)
+  name = os.path.basename(os.path.normpath(os.fspath(src)))
+  dst = workdir / "tokenizer" / name
+  if jax.process_index() == 0 and src != dst:
+    paths.copy(src, dst)
   recorded = ml_collections.ConfigDict(config.to_dict())
-  recorded.text.path = os.path.relpath(dst, workdir)
+  recorded.text.path = f"tokenizer/{name}"
   return recorded
 
 
 def _write_config(config, workdir):
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
+  workdir.mkdir(parents=True, exist_ok=True)
   config = _snapshot_tokenizer(config, workdir)
-  tmp = os.path.join(workdir, "config.json.tmp")
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, os.path.join(workdir, "config.json"))
+  paths.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
 
 
 def _save_previews(images, workdir, step):
   if jax.process_index() != 0 or not images:
     return
-  out_dir = os.path.join(workdir, "previews")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = workdir / "previews"
+  out_dir.mkdir(parents=True, exist_ok=True)
   for name, img in images.items():
-    Image.fromarray(np.asarray(img, np.uint8)).save(os.path.join(out_dir, f"{name}_{step:06d}.png"))
+    with (out_dir / f"{name}_{step:06d}.png").open("wb") as f:
+      Image.fromarray(np.asarray(img, np.uint8)).save(f, format="PNG")
 
 
 def _prepare(config):
@@ -315,7 +309,7 @@ def train(config, workdir, *, max_steps=None):
   task, mesh, train_iter = _prepare(config)
   preempt = Preemption(mesh)  # before compiling: an early SIGTERM also ends cleanly
   try:
-    return _train(task, mesh, train_iter, preempt, os.path.abspath(workdir), max_steps)
+    return _train(task, mesh, train_iter, preempt, paths.resolve(workdir), max_steps)
   finally:
     preempt.restore()
 

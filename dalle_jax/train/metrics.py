@@ -2,9 +2,13 @@
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 
 import numpy as np
+
+from dalle_jax import paths
 
 
 def _fmt_duration(s):
@@ -13,47 +17,74 @@ def _fmt_duration(s):
 
 
 class MetricWriter:
-  """Writes one JSON object per logged step; only process 0 writes."""
+  """Writes one JSON object per logged step; only process 0 writes.
+
+  A local metrics.jsonl is appended to. An object store has no append, so for a
+  remote workdir the whole file is rewritten at each write (a few hundred bytes
+  per logged step), and TensorBoard events are written to a local directory
+  and uploaded after each flush (tensorboardX itself reaches no fsspec bucket).
+  """
 
   def __init__(self, workdir, resume_step=0, enabled=True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
+    workdir = paths.resolve(workdir)
+    self.path = workdir / "metrics.jsonl"
+    self._remote = paths.is_remote(workdir)
+    self._lines = []  # remote: everything the file holds
+    self._tb = self._tb_local = None
     if not enabled:
       return
     # A resumed run continues after its checkpoint: drop lines logged after it
     # by the killed run so the file reads as one uninterrupted run.
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        lines = [l for l in f if l.strip()]
+    if self.path.exists():
+      lines = [l + "\n" for l in self.path.read_text().splitlines() if l.strip()]
       kept = [l for l in lines if json.loads(l).get("step", 0) <= resume_step]
+      self._lines = kept
       if len(kept) != len(lines):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-          f.writelines(kept)
-        os.replace(tmp, self.path)
+        paths.write_text(self.path, "".join(kept))
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
       logging.warning("tensorboardX not installed: no TensorBoard event files")
+      return
+    self._tb_remote = workdir / "tensorboard"
+    if self._remote:
+      self._tb_local = tempfile.mkdtemp(prefix="dalle_jax_tb_")
+      logging.info("TensorBoard events for %s are written to %s and uploaded at each flush",
+                   self._tb_remote, self._tb_local)
+    self._tb = SummaryWriter(self._tb_local or os.fspath(self._tb_remote))
 
   def write(self, step, metrics):
     if not self.enabled:
       return
     row = {"step": int(step)}
     row.update({k: float(v) for k, v in metrics.items()})
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if self._remote:
+      self._lines.append(line)
+      self.path.write_text("".join(self._lines))
+    else:
+      with self.path.open("a") as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and np.isfinite(v):
           self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
+      self._upload_events()
+
+  def _upload_events(self):
+    if self._tb_local is None:
+      return
+    for name in os.listdir(self._tb_local):
+      paths.copy(os.path.join(self._tb_local, name), self._tb_remote / name)
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+      self._upload_events()
+      if self._tb_local is not None:
+        shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def console_line(step, total, metrics, elapsed, steps_done):

@@ -1,0 +1,58 @@
+"""One path type for local directories and buckets (gs://, s3://, ... via etils.epath).
+
+Workdirs, checkpoints and records may live in an object store, where
+`os.path.abspath` would turn "gs://b/run" into "/cwd/gs:/b/run" and plain
+`open`/`os.replace` do not reach. `resolve` gives an `epath.Path` (local paths
+made absolute, URIs kept as they are); everything else here is the little that
+differs between a file system and a bucket: no append, no atomic rename (an
+object store writes a whole object at once on close instead).
+
+Remote schemes go through fsspec (gcsfs, s3fs, ...) unless TensorFlow is
+installed, as etils.epath chooses; nothing here needs TensorFlow.
+"""
+import os
+import shutil
+
+from etils import epath
+
+
+def is_remote(path):
+  """True for a URI such as gs://bucket/dir (anything but the local file system)."""
+  return "://" in os.fspath(path)
+
+
+def resolve(path):
+  """epath.Path of `path`: local ones expanded (~) and absolute, URIs untouched."""
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def write_text(path, text):
+  """Writes `text` to `path` so that a reader never sees it half written."""
+  path = epath.Path(path)
+  if is_remote(path):  # an object appears whole when its upload completes
+    path.write_text(text)
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def copy(src, dst):
+  """Copies a file or a directory tree (local or remote, either way) to dst."""
+  src, dst = epath.Path(src), epath.Path(dst)
+  if not is_remote(src) and not is_remote(dst):
+    if src.is_dir():
+      shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(src, str(dst) + ".tmp")
+      os.replace(str(dst) + ".tmp", dst)
+    return
+  if src.is_dir():
+    for child in src.iterdir():
+      copy(child, dst / child.name)
+    return
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  dst.write_bytes(src.read_bytes())

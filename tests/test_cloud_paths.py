@@ -1,0 +1,125 @@
+"""gs:// workdirs against an in-process stand-in bucket.
+
+The stand-in is an fsspec file system registered for the gs/gcs protocols
+(what etils.epath uses for gs:// without TensorFlow), storing objects under a
+local directory and refusing what a bucket cannot do (append). Orbax writes
+array data through TensorStore's own GCS driver, which fsspec cannot
+intercept: the test points that driver at the same directory, and answers
+orbax's hierarchical-namespace query (a google-cloud-storage call) with "flat".
+A path mangled by os.path (e.g. "gs:/bucket/run" under the working directory)
+never reaches the bucket, so the files are looked up there.
+"""
+import importlib
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
+from fsspec.implementations.dirfs import DirFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from orbax.checkpoint._src.path import gcs_utils
+from PIL import Image
+
+from dalle_jax import paths
+from dalle_jax.train import checkpoint as ckpt_lib
+from dalle_jax.train import loop
+from tests import toy_task
+
+# The module (the package attribute of the same name is its read-only view).
+_FSSPEC_REGISTRY = importlib.import_module("fsspec.registry")._registry
+
+
+def _strip(path):
+  path = os.fspath(path)
+  for prefix in ("gs://", "gcs://"):
+    if path.startswith(prefix):
+      return path[len(prefix):]
+  return path
+
+
+class _BucketFS(DirFileSystem):
+  """gs://BUCKET/KEY -> ROOT/BUCKET/KEY; no append, as on an object store."""
+  protocol = ("gs", "gcs")
+  root = None
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(path=self.root, fs=LocalFileSystem())
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    return _strip(path)
+
+  def _join(self, path):
+    if isinstance(path, (list, tuple)):
+      return super()._join([_strip(p) for p in path])
+    return super()._join(_strip(path) if isinstance(path, str) else path)
+
+  def open(self, path, mode="rb", *args, **kwargs):
+    if "a" in mode:
+      raise NotImplementedError(f"{path}: an object store cannot append (mode={mode!r})")
+    return super().open(path, mode, *args, **kwargs)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+  """The local directory standing in for gs://; the cwd is a separate empty dir."""
+  root = tmp_path / "store"
+  root.mkdir()
+  monkeypatch.setattr(_BucketFS, "root", str(root))
+  for proto in ("gs", "gcs"):  # undone after the test, like every monkeypatch
+    monkeypatch.setitem(_FSSPEC_REGISTRY, proto, _BucketFS)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", lambda p: {
+      "driver": "file", "path": os.path.join(str(root), _strip(p))})
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  yield root
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  assert not os.listdir(cwd), f"something wrote a mangled path under the cwd: {os.listdir(cwd)}"
+
+
+def _losses(text):
+  return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
+
+
+def test_paths_resolve_keeps_uris_and_absolutises_local(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert os.fspath(paths.resolve("gs://b/run/")) == "gs://b/run"
+  assert os.fspath(paths.resolve("run")) == os.path.join(str(tmp_path), "run")
+  assert paths.is_remote("s3://b/x") and not paths.is_remote("/b/x")
+
+
+def test_train_resume_and_load_from_a_bucket(bucket, tmp_path):
+  config = toy_task.get_config()
+  config.mesh.data = 8
+  config.total_steps = 8
+  config.eval_every = 0
+  config.preview_every = 4
+  loop.train(config, "gs://bucket/run", max_steps=4)  # stopped after the step-4 checkpoint
+  run = bucket / "bucket" / "run"
+  assert (run / "checkpoints" / "4").is_dir()
+  state = loop.train(config, "gs://bucket/run")  # resumes from the bucket
+  assert int(state.step) == 8
+
+  local = loop.train(config, str(tmp_path / "local"))  # uninterrupted, on local disk
+  remote_losses = _losses((run / "metrics.jsonl").read_text())
+  local_losses = _losses((tmp_path / "local" / "metrics.jsonl").read_text())
+  assert sorted(remote_losses) == list(range(1, 9))
+  np.testing.assert_allclose([remote_losses[s] for s in range(1, 9)],
+                             [local_losses[s] for s in range(1, 9)], rtol=1e-6)
+  assert json.loads((run / "config.json").read_text())["total_steps"] == 8
+  assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["4", "8"]
+  assert Image.open(run / "previews" / "pred_000008.png").size == (toy_task.DIM, 8)
+  assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+
+  # Inference loading reads the bucket too (config + newest checkpoint's params).
+  cfg, variables = ckpt_lib.load_model("gs://bucket/run", use_ema=False)
+  assert cfg.total_steps == 8
+  for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert epath.Path("gs://bucket/run/config.json").exists()
