@@ -258,3 +258,115 @@ def test_sample_py_bad_input_is_one_line_on_stderr(checkpoint, tmp_path):
   lines = run.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: --vqgan "), run.stderr
   assert not (tmp_path / "x.png").exists()
+
+
+# --- scanned models: train (scan_layers=True) -> preview -> sample.py ---------------------
+
+def _codes_dataset(root, vqgan, grid, n_embed, n=64):
+  """Records of random codes + captions, as tools.encode_dataset writes them."""
+  from dalle_jax.data import records
+  rng = np.random.RandomState(0)
+  meta = {"vqgan": vqgan, "grid": [grid, grid], "n_embed": n_embed}
+  for split, count in (("train", n), ("test", 16)):
+    examples = [{"codes": rng.randint(0, n_embed, (grid, grid)).astype(np.int32),
+                 "caption": CAPTIONS[i % len(CAPTIONS)]} for i in range(count)]
+    records.write_records(str(root), split, examples, meta=meta)
+  return str(root)
+
+
+def _train_scanned(config, checkpoint, workdir):
+  """A few steps of the trainer (what train.py runs) with scanned layers and a
+  preview through the VQGAN at the last step."""
+  from dalle_jax.train import loop
+  config.scan_layers = True
+  config.remat = "full"
+  config.text.path = str(checkpoint / "ar" / "sp.model")
+  config.data.dataset = _codes_dataset(workdir.parent / (workdir.name + "_codes"),
+                                       str(checkpoint / "vqgan"), 8, 128)
+  config.data.data_dir = str(workdir.parent)
+  config.dtype = "float32"
+  config.batch_size, config.total_steps = 8, 4
+  config.log_every, config.checkpoint_every, config.eval_every, config.preview_every = 2, 4, 0, 4
+  config.eval_batches = 1
+  config.sampling.num_prompts, config.sampling.samples_per_prompt = 2, 2
+  loop.train(config, str(workdir))
+  previews = sorted((workdir / "previews").rglob("*.png"))
+  assert previews, "no preview written"
+  grid = np.asarray(Image.open(previews[-1]))  # 2 prompts x (truth + 2 samples) of 32 px
+  assert grid.shape[0] > 2 * 32 and grid.shape[1] > 3 * 32
+  return json.loads((workdir / "config.json").read_text())
+
+
+def _sample_greedy(workdir, out, *extra):
+  generate.sample_main(["--workdir", str(workdir), "--prompt", CAPTIONS[0], "--prompt", CAPTIONS[3],
+                        "--num_images", "2", "--top_k", "1", "--guidance_scale", "2",
+                        "--out", str(out), *extra])
+  return np.asarray(Image.open(out))
+
+
+def test_scanned_sparse_dalle_trains_previews_and_samples_on_8_devices(checkpoint, tmp_path):
+  """The `paper` layout (sparse row/column/conv layers, scanned, remat, 2-D mesh
+  over 8 devices) at tiny dims: trains, previews through the VQGAN on the
+  training mesh, and sample.py --workdir --mesh samples it sharded; the
+  sampler's per-layer parameters are the trained stack's slices."""
+  from dalle_jax.train import checkpoint as ckpt
+  config = dalle_cfg.get_config("paper")
+  config.model.update(dict(text_vocab_size=0, text_len=8, image_vocab_size=128, image_grid=8,
+                           num_layers=5, d_model=32, num_heads=4, mlp_dim=64))  # row, col, row, row, conv
+  config.text = dalle_cfg.get_config("shapes").text
+  config.text.max_len = 8
+  config.mesh.data, config.mesh.fsdp = 2, -1
+  config.allow_replication_below = 1 << 30  # tiny dims: most weights do not divide 8 ways
+  saved = _train_scanned(config, checkpoint, tmp_path / "paper")
+  assert saved["scan_layers"] and saved["model"]["attention"] == "sparse"
+  images = _sample_greedy(tmp_path / "paper", tmp_path / "mesh.png", "--mesh", "1,4,2")
+  assert images.shape[0] > 2 * 32 and images.shape[1] > 2 * 32
+  mesh = generate._mesh_from_flag("1,4,2")
+  pipe = generate.Pipeline.load(str(tmp_path / "paper"), mesh=mesh)  # scanned, into shards
+  _, variables = ckpt.load_model(str(tmp_path / "paper"))
+  stacked = variables["params"]["layers"]["layers"]["block"]
+  per_layer = pipe.params["layers"]
+  assert sorted(per_layer) == [f"layer_{i}" for i in range(5)]
+  for i in range(5):
+    for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], stacked)),
+                    jax.tree.leaves(per_layer[f"layer_{i}"]["block"])):
+      assert len(b.sharding.device_set) == 8
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scanned_dalle_mini_trains_previews_and_samples(checkpoint, tmp_path):
+  from configs import dalle_mini as dalle_mini_cfg
+  config = dalle_mini_cfg.get_config("shapes")
+  config.model.update(dict(text_vocab_size=0, text_len=8, num_layers=2, d_model=32, num_heads=4,
+                           glu_dim=64))
+  config.text.max_len = 8
+  _train_scanned(config, checkpoint, tmp_path / "mini")
+  images = _sample_greedy(tmp_path / "mini", tmp_path / "mini.png")
+  assert images.shape[0] > 2 * 32
+
+
+def test_scanned_layout_checkpoint_samples_like_per_layer(checkpoint, tmp_path):
+  """The fixture's per-layer import restacked into the scanned layout (what a
+  scan_layers=True run saves; models.scan_layout) samples exactly the same codes,
+  and a tree that fits neither layout is named."""
+  from dalle_jax.models import scan_layout
+  from dalle_jax.sampling import decode
+  from dalle_jax.train import checkpoint as ckpt
+  config, variables = ckpt.load_model(str(checkpoint / "ar"))
+  dec = decode.make_decoder(config)
+  scanned_like = jax.tree.map(lambda x: x, decode._strip_boxes(dec._boxed_params(scan=True)))
+  stacked = scan_layout.to_layout(variables["params"], scanned_like)
+  assert stacked["layers"]["layers"]["block"]["mlp"]["wi"]["kernel"].shape[0] == 2
+  with config.unlocked():
+    config.scan_layers = True
+    config.vqgan = str(checkpoint / "vqgan")
+  ckpt.save_imported(str(tmp_path / "scanned"), config, {"params": stacked})
+  (tmp_path / "scanned" / "sp.model").write_bytes((checkpoint / "ar" / "sp.model").read_bytes())
+  sp = generate.SamplingParams(top_k=10, guidance_scale=3.0)
+  per_layer = generate.Pipeline.load(str(checkpoint / "ar")).generate_codes([CAPTIONS[1]], 2, 5, sp)
+  scanned = generate.Pipeline.load(str(tmp_path / "scanned")).generate_codes([CAPTIONS[1]], 2, 5, sp)
+  np.testing.assert_array_equal(scanned, per_layer)
+  block = stacked["layers"]["layers"]["block"]
+  broken = dict(stacked, layers={"layers": {"block": {k: v for k, v in block.items() if k != "mlp"}}})
+  with pytest.raises(ValueError, match=r"parameters at layers/layer_0/block: missing \['mlp'\]"):
+    scan_layout.to_layout(broken, decode._strip_boxes(dec._boxed_params()))

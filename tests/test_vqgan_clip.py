@@ -99,8 +99,8 @@ def test_similarity_rises_and_outputs(gen, tmp_path):
   assert np.mean(hist[-5:]) > np.mean(hist[:5])
   assert sorted(os.listdir(frames)) == ["frame_00000.png", "frame_00010.png", "frame_00020.png"]
   # The final codes decode to the returned image.
-  from dalle_jax.tasks.vqgan import decode_codes
-  from dalle_jax.tasks.base import to_uint8
+  from dalle_jax.models.loader import vqgan_decode as decode_codes
+  from dalle_jax.data.images import to_uint8
   recon = to_uint8(decode_codes(gen.vq_config, gen.vq_vars, out["codes"][None]))[0]
   assert np.abs(recon.astype(int) - out["image"].astype(int)).max() <= 1
 
@@ -125,18 +125,18 @@ def test_init_image_and_errors(gen, ckpts, tmp_path):
   rng = np.random.default_rng(0)
   init = rng.integers(0, 255, (40, 48, 3), np.uint8)  # resized + cropped to 32 px
   out = gen.generate(PROMPT, steps=0, seed=0, init_image=init, progress=False)
-  from dalle_jax.tasks.vqgan import encode_images
+  from dalle_jax.models.loader import vqgan_encode as encode_images
   x = vqgan_clip._read_init_image(init, 32, 32)
   np.testing.assert_array_equal(out["codes"], np.asarray(encode_images(gen.vq_config, gen.vq_vars, x))[0])
   with pytest.raises(ValueError, match="prompt is empty"):
     gen.generate("  ", steps=1, progress=False)
-  with pytest.raises(FileNotFoundError, match="no such directory"):
+  with pytest.raises(FileNotFoundError, match="--vqgan .*missing: no such directory"):
     vqgan_clip.VQGANCLIP(str(tmp_path / "missing"), ckpts[1])
-  with pytest.raises(FileNotFoundError, match="no such file"):
+  with pytest.raises(FileNotFoundError, match="--clip .*missing_clip: no such directory"):
     vqgan_clip.VQGANCLIP(ckpts[0], str(tmp_path / "missing_clip"))
-  with pytest.raises(ValueError, match="not a CLIP model"):
+  with pytest.raises(ValueError, match="--clip .*'vqgan' model .*expected a CLIP"):
     vqgan_clip.VQGANCLIP(ckpts[0], ckpts[0])
-  with pytest.raises(ValueError, match="not a VQGAN"):
+  with pytest.raises(ValueError, match="--vqgan .*'clip' model .*expected a VQGAN"):
     vqgan_clip.VQGANCLIP(ckpts[1], ckpts[1])
 
 

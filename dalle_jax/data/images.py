@@ -5,8 +5,13 @@ encoded (PNG/JPEG bytes) so no TensorFlow is needed to write or read them.
 """
 import io
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+# file names the tools read as images
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Decoding never silently pads a truncated file: such files are rejected.
 Image.MAX_IMAGE_PIXELS = 20000 * 20000
@@ -145,3 +150,16 @@ def image_grid(images_nhwc, ncols=None, pad=2):
     top, left = pad + r * (h + pad), pad + col * (w + pad)
     grid[top:top + h, left:left + w] = img
   return grid
+
+
+def resize_and_crop_float(images_nhwc, height, width):
+  """Float images (N, H, W, C) -> (N, height, width, C): the shorter side scaled to
+  fit (bicubic, antialiased), then a centre crop; the float twin of `resize_and_crop`."""
+  images = jnp.asarray(images_nhwc, jnp.float32)
+  n, h, w, c = images.shape
+  k = max(height / h, width / w)
+  nh, nw = max(height, round(h * k)), max(width, round(w * k))
+  if (nh, nw) != (h, w):
+    images = jax.image.resize(images, (n, nh, nw, c), "bicubic", antialias=True)
+  top, left = (nh - height) // 2, (nw - width) // 2
+  return images[:, top:top + height, left:left + width]

@@ -41,8 +41,12 @@ class ModelPathError(ValueError):
   """A model path that does not hold the expected model (one line, names the flag)."""
 
 
-def _fail(flag, path, why):
-  raise ModelPathError(f"{flag} {path}: {why}" if flag else f"{path}: {why}")
+class ModelNotFoundError(ModelPathError, FileNotFoundError):
+  """A model path that does not exist."""
+
+
+def _fail(flag, path, why, cls=ModelPathError):
+  raise cls(f"{flag} {path}: {why}" if flag else f"{path}: {why}")
 
 
 def check(path, family, flag=""):
@@ -58,7 +62,7 @@ def check(path, family, flag=""):
     _fail(flag, "''", f"empty path (expected {what})")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.exists(path):
-    _fail(flag, path, f"no such directory (expected {what})")
+    _fail(flag, path, f"no such directory (expected {what})", ModelNotFoundError)
   if not os.path.isdir(path):
     _fail(flag, path, f"not a directory (expected {what})")
   if family == "clip" and hf_clip.is_hf_clip_dir(path):

@@ -9,6 +9,10 @@ does not depend on them). Batched over prompts x samples.
 
 Classifier-free ("super-condition") guidance runs the conditional and the
 unconditional streams as ONE batch of 2B rows: logits = u + s (c - u).
+Parameters may come in either layer layout: a model trained with
+scan_layers=True is unstacked into the per-layer decoder's tree, cast and placed
+in one jitted step (`Decoder.prepare_params`, models.scan_layout).
+
 Only the first `valid_vocab` logits (real codes) can be sampled. Sampling is a
 pure function of the seed: token j uses fold_in(rng, j).
 
@@ -16,12 +20,19 @@ Shapes: B batch (rows that get distinct samples), L text length, N codes, V logi
 """
 import dataclasses
 import functools
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from dalle_jax import parallel
+from dalle_jax.models import dalle
+from dalle_jax.models import dalle_mini
+from dalle_jax.models import scan_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +126,13 @@ def _first_argmax(x_bv):
   return jnp.min(jnp.where(hit_bv, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
+def _strip_boxes(tree):
+  """Values of an abstract boxed tree (nn.meta.unbox would apply a sharding
+  constraint to each under an active mesh, which ShapeDtypeStructs cannot take)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 # --- layout adapters -----------------------------------------------------------
 
 class Decoder:
@@ -144,7 +162,7 @@ class Decoder:
     'tensor'), everything else replicated."""
     shapes = self.__dict__.setdefault("_cache_shapes", {})
     if batch not in shapes:  # tracing the model's init costs more than a short decode
-      shapes[batch] = nn.meta.unbox(jax.eval_shape(
+      shapes[batch] = _strip_boxes(jax.eval_shape(
           lambda: self.cached.init(jax.random.PRNGKey(0), *self._init_args(batch)))["cache"])
     length = length or self.max_cache_len
 
@@ -159,27 +177,62 @@ class Decoder:
       return jnp.zeros(shape, dtype, device=parallel.named_sharding(names, shape, mesh, rules))
     return jax.tree_util.tree_map_with_path(zeros, shapes[batch])
 
-  def _param_shardings(self, mesh, rules):
-    if "_boxed_params" not in self.__dict__:  # traced once per decoder, like the cache shapes
-      self._boxed_params = jax.eval_shape(
-          lambda: self.model.init(jax.random.PRNGKey(0), *self._init_args(1)))["params"]
-    return parallel.logical_shardings(self._boxed_params, mesh, rules)
+  def _boxed_params(self, scan=False):
+    """Abstract boxed parameters of the model, per-layer (the decoder's) or scanned
+    (a checkpoint trained with scan_layers=True): traced once each."""
+    boxed = self.__dict__.setdefault("_boxed", {})
+    if scan not in boxed:
+      model = self.model.clone(scan=True) if scan else self.model
+      boxed[scan] = jax.eval_shape(
+          lambda: model.init(jax.random.PRNGKey(0), *self._init_args(1)))["params"]
+    return boxed[scan]
 
-  def abstract_params(self, mesh, rules):
+  def _param_shardings(self, mesh, rules, scan=False):
+    return parallel.logical_shardings(self._boxed_params(scan), mesh, rules)
+
+  def abstract_params(self, mesh, rules, scan=False):
     """The parameters as jax.ShapeDtypeStructs placed on `mesh` by their logical
     names: the target `checkpoint.load_model(params_target=)` restores straight
-    into shards."""
-    shardings = self._param_shardings(mesh, rules)
+    into shards. scan=True: the scanned layout a scan_layers=True run saves."""
+    shardings = self._param_shardings(mesh, rules, scan)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        nn.meta.unbox(self._boxed_params), shardings)
+                        _strip_boxes(self._boxed_params(scan)), shardings)
 
-  def shard_params(self, params, mesh, rules):
-    """params placed on `mesh` by their logical names (FSDP / tensor parallel).
+  def prepare_params(self, params, mesh=None, rules=(), cast=True):
+    """The decoder's parameters from a scanned or per-layer tree (see
+    models.scan_layout; the decoder runs per-layer: measured 1.2x faster per
+    token than a scanned decoder for full attention and 2.3x for sparse layers,
+    whose static per-layer patterns then need no lax.switch), with matrices cast
+    to the compute dtype when `cast` (`compute_dtype_params`), placed on `mesh`
+    by their logical names when given. One jitted conversion, cached; params
+    already in that form are returned as they are.
 
     From host or single-device arrays the full tree must fit in one host's
     memory; `Pipeline.load(mesh=)` restores into shards instead (`abstract_params`).
     """
-    return jax.device_put(params, self._param_shardings(mesh, rules))
+    like = _strip_boxes(self._boxed_params())
+    relayout = not scan_layout.same_layout(params, like)
+    dtype = jnp.dtype(self.model.dtype)
+    cast = cast and dtype != jnp.float32 and any(
+        _castable(x) and x.dtype != dtype for x in jax.tree.leaves(params))
+    if not relayout and not cast:  # placing alone: a no-op for params already placed
+      return params if mesh is None else jax.device_put(
+          params, self._param_shardings(mesh, rules))
+    key = (relayout, cast, mesh, tuple(rules or ()))
+    fns = self.__dict__.setdefault("_prepare", {})
+    if key not in fns:
+      shardings = self._param_shardings(mesh, rules) if mesh is not None else None
+
+      def convert(p):
+        p = scan_layout.to_layout(p, like) if relayout else p
+        return jax.tree.map(lambda x: x.astype(dtype) if _castable(x) else x, p) if cast else p
+      fns[key] = jax.jit(convert, out_shardings=shardings)
+    return fns[key](params)
+
+  def shard_params(self, params, mesh, rules):
+    """params (either layout) placed on `mesh` by their logical names (FSDP /
+    tensor parallel), in their own dtype."""
+    return self.prepare_params(params, mesh, rules, cast=False)
 
   @staticmethod
   def grow_cache(cache, length):
@@ -223,8 +276,7 @@ class DalleDecoder(Decoder):
     self.prefix_len = model.text_len + 1  # start + text
 
   def _text(self, text, mask):
-    from dalle_jax.models.dalle import pad_text
-    return pad_text(text, mask, self.model.text_vocab_size)
+    return dalle.pad_text(text, mask, self.model.text_vocab_size)
 
   def _init_args(self, b):
     return (jnp.zeros((b, self.text_len), jnp.int32), jnp.zeros((b, self.num_codes), jnp.int32))
@@ -276,7 +328,6 @@ def make_decoder(config):
 
   Cached per model config, so that its compiled sampling loops are reused.
   """
-  import json  # pylint: disable=g-import-not-at-top
   key = json.dumps({"model": config.model.to_dict(), "dtype": config.get("dtype"),
                     "param_dtype": config.get("param_dtype")}, sort_keys=True, default=str)
   return _make_decoder(key)
@@ -284,17 +335,13 @@ def make_decoder(config):
 
 @functools.lru_cache(maxsize=8)
 def _make_decoder(key):
-  import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   spec = json.loads(key)
   model_cfg = ml_collections.ConfigDict(spec["model"])
   layout = model_cfg.get("layout", "dalle")
   kw = dict(dtype=spec["dtype"], param_dtype=spec["param_dtype"])
   if layout == "dalle":
-    from dalle_jax.models import dalle
     return DalleDecoder(dalle.from_config(model_cfg, **kw))
   if layout == "dalle_mini":
-    from dalle_jax.models import dalle_mini
     return DalleMiniDecoder(dalle_mini.from_config(model_cfg, **kw))
   raise ValueError(f"config.model.layout={layout!r}: expected 'dalle' or 'dalle_mini'")
 
@@ -347,20 +394,16 @@ def _compiled(decoder, sp):
 
 def compute_dtype_params(decoder, params):
   """Matrices (ndim >= 2: kernels, embeddings, position tables) cast once to the
-  model's compute dtype. Decoding a few rows is bound by reading the weights at
-  every step; the model casts these to the compute dtype before any use anyway,
-  so this halves that traffic for bf16 models without changing a single logit.
-  Vectors (norm scales, biases) are used in f32 and stay as they are."""
-  dtype = jnp.dtype(decoder.model.dtype)
-  if dtype == jnp.float32:
-    return params
-  return _cast_matrices(params, dtype)
+  model's compute dtype (and a scanned tree unstacked). Decoding a few rows is
+  bound by reading the weights at every step; the model casts these to the
+  compute dtype before any use anyway, so this halves that traffic for bf16
+  models without changing a single logit. Vectors (norm scales, biases) are used
+  in f32 and stay as they are."""
+  return decoder.prepare_params(params)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _cast_matrices(params, dtype):
-  cast = lambda x: x.astype(dtype) if (x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)) else x
-  return jax.tree.map(cast, params)
+def _castable(x):
+  return x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def kv_block_size(max_len, segments=4, multiple=64):
@@ -397,11 +440,11 @@ def generate(decoder, params, text, mask, *, rng, sp: SamplingParams = SamplingP
     floating-point summation order.
   """
   if mesh is None:
-    return _generate(decoder, params, text, mask, rng=rng, sp=sp, uncond_text=uncond_text,
-                     uncond_mask=uncond_mask, chunk=chunk, progress=progress, desc=desc,
-                     kv_block=kv_block, kv_dtype=kv_dtype)
+    return _generate(decoder, decoder.prepare_params(params), text, mask, rng=rng, sp=sp,
+                     uncond_text=uncond_text, uncond_mask=uncond_mask, chunk=chunk,
+                     progress=progress, desc=desc, kv_block=kv_block, kv_dtype=kv_dtype)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params = decoder.shard_params(params, mesh, rules)
+    params = decoder.prepare_params(params, mesh, rules)
     return _generate(decoder, params, text, mask, rng=rng, sp=sp, uncond_text=uncond_text,
                      uncond_mask=uncond_mask, chunk=chunk, progress=progress, desc=desc,
                      kv_block=kv_block, kv_dtype=kv_dtype, mesh=mesh, rules=rules)
@@ -423,7 +466,6 @@ def _generate(decoder, params, text, mask, *, rng, sp, uncond_text, uncond_mask,
         lambda idx, x=np.asarray(x): x[idx])
     text, mask = rows(text), rows(mask)
   prefill_fn, chunk_fn, last_fn = _compiled(decoder, sp)
-  params = compute_dtype_params(decoder, params)
   max_len = decoder.max_cache_len
   block = int(kv_block or kv_block_size(max_len))
   # cache length that holds positions < p, on the block grid
@@ -435,7 +477,6 @@ def _generate(decoder, params, text, mask, *, rng, sp, uncond_text, uncond_mask,
   state = (kv, logits, jnp.zeros((b, n), jnp.int32))
   bar = None
   if progress:
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=n, desc=desc, unit="tok")
   chunk = max(1, int(chunk))
   start = 0
@@ -491,4 +532,5 @@ def generate_no_cache(decoder, params, text, mask, *, rng, sp: SamplingParams = 
   mask = jnp.asarray(mask, bool)
   if sp.guided:
     text, mask = _with_uncond(text, mask, uncond_text, uncond_mask)
-  return _compiled_no_cache(decoder, sp)(params, text, mask, rng)
+  return _compiled_no_cache(decoder, sp)(decoder.prepare_params(params, cast=False), text, mask,
+                                         rng)

@@ -15,7 +15,6 @@ import logging
 import os
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -48,20 +47,45 @@ def resolve_path(path, base_dir):
   return path
 
 
-def codes_to_images(vq_config, vq_variables, codes_bn, grid, batch_size=16):
+def codes_to_images(vq_config, vq_variables, codes_bn, grid, batch_size=16, mesh=None):
   """Codes (B, N = grid * grid) -> uint8 images (B, H, W, 3) through the VQGAN,
-  `batch_size` rows per call."""
+  `batch_size` rows per call.
+
+  mesh: decode on that mesh (e.g. inside a training run's mesh context), the
+  VQGAN replicated (`replicate`, place it once) and each call's rows split
+  over the batch axes; every process passes the same codes and gets all images.
+  """
   codes = np.asarray(codes_bn, np.int32).reshape(-1, grid, grid)
-  out = [images_lib.to_uint8(loader.vqgan_decode(vq_config, vq_variables, codes[i:i + batch_size]))
-         for i in range(0, len(codes), batch_size)]
+  if mesh is not None:
+    vq_variables = replicate(vq_variables, mesh)
+    step = parallel.batch_axis_size(mesh)
+    batch_size = -(-batch_size // step) * step
+  out = []
+  for i in range(0, len(codes), batch_size):
+    chunk = codes[i:i + batch_size]
+    if mesh is not None:  # rows over the batch axes, padded to split evenly
+      n = len(chunk)
+      chunk = np.concatenate([chunk, np.zeros((-n % step,) + chunk.shape[1:], chunk.dtype)])
+      chunk = jax.make_array_from_callback(chunk.shape, parallel.batch_sharding(mesh, 3),
+                                           lambda idx, c=chunk: c[idx])
+      out.append(images_lib.to_uint8(parallel.to_host(
+          loader.vqgan_decode(vq_config, vq_variables, chunk)))[:n])
+    else:
+      out.append(images_lib.to_uint8(loader.vqgan_decode(vq_config, vq_variables, chunk)))
   return np.concatenate(out)
 
 
-def _to_host(x):
-  """A (possibly multi-process, sharded) array as one numpy array on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def replicate(tree, mesh):
+  """Arrays placed whole on every device of `mesh` (multi-process too: each
+  process fills its own devices from its copy); already replicated ones kept."""
+  sharding = parallel.replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree)
 
 
 class Pipeline:
@@ -72,10 +96,10 @@ class Pipeline:
     self.decoder = decode.make_decoder(config)
     self.mesh = mesh  # sharded sampling: parameters placed once, rows and cache split
     self.rules = None
-    self.params = variables["params"]
     if mesh is not None:
       self.rules = parallel.rules_from_config(config)
-      self.params = self.decoder.shard_params(self.params, mesh, self.rules)
+    # scanned (scan_layers=True) or per-layer: the decoder's per-layer tree, placed once
+    self.params = self.decoder.shard_params(variables["params"], mesh, self.rules)
     self.tokenizer = tokenizer
     self.vqgan = vqgan  # (config, variables) or None
     self.grid = int(config.model.image_grid)
@@ -98,7 +122,8 @@ class Pipeline:
     tokenizer = get_tokenizer(config.text, data_cfg=config.get("data"), base_dir=path)
     target = None
     if mesh is not None:  # each parameter read straight into its shards
-      target = decode.make_decoder(config).abstract_params(mesh, parallel.rules_from_config(config))
+      target = decode.make_decoder(config).abstract_params(
+          mesh, parallel.rules_from_config(config), scan=bool(config.get("scan_layers", False)))
     _, variables = loader.load(path, "dalle", params_target=target)
     vqgan = loader.load_vqgan(vq) if vq else None
     return cls(config, variables, tokenizer=tokenizer, vqgan=vqgan, mesh=mesh)
@@ -146,7 +171,7 @@ class Pipeline:
           rng=jax.random.fold_in(rng, k), sp=sp, uncond_text=uncond[0], uncond_mask=uncond[1],
           chunk=chunk, progress=progress, mesh=self.mesh, rules=self.rules,
           desc=f"decoding {min(bs, n - i)} images" + (f" ({k + 1}/{-(-n // bs)})" if bs < n else ""))
-      out.append(_to_host(codes))
+      out.append(parallel.to_host(codes))
     return np.concatenate(out).reshape(len(ids), num_images, -1)
 
   def decode_images(self, codes):

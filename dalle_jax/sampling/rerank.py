@@ -4,22 +4,24 @@
                         [images_nhw3], top_k=4)
 
 `clip` is a training workdir, an imported checkpoint, a Hugging Face CLIP
-directory, or an already loaded `dalle_jax.tools.embed.ClipEncoder` (reused
+directory, or an already loaded `dalle_jax.sampling.clip_encoder.ClipEncoder` (reused
 across calls). Images are uint8 or float in [-1, 1], any size (resized to the
 CLIP model's). Used by `sample.py --rerank_with CLIP --rerank_top K`.
 """
 import numpy as np
 
+from dalle_jax.sampling.clip_encoder import ClipEncoder
+
 _CACHE = {}
 
 
-def get_encoder(clip, **kw):
-  """A ClipEncoder for a path (cached per path) or the encoder itself."""
-  from dalle_jax.tools.embed import ClipEncoder  # pylint: disable=g-import-not-at-top
+def get_encoder(clip, flag="--rerank_with", **kw):
+  """A ClipEncoder for a path (cached per path) or the encoder itself; a bad path
+  is a loader.ModelPathError naming `flag`."""
   if isinstance(clip, ClipEncoder):
     return clip
   if clip not in _CACHE:
-    _CACHE[clip] = ClipEncoder.load(clip, **kw)
+    _CACHE[clip] = ClipEncoder.load(clip, flag=flag, **kw)
   return _CACHE[clip]
 
 

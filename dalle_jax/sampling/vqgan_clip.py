@@ -43,6 +43,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
+from PIL import Image
+from tqdm import tqdm
+
+from dalle_jax.data import images as images_lib
+from dalle_jax.models import clip as clip_lib
+from dalle_jax.models import loader
+from dalle_jax.models import quantizer as quant_lib
+from dalle_jax.models.vqgan import vqgan_from_config
+from dalle_jax.sampling import rerank
+from dalle_jax.sampling.clip_encoder import ClipEncoder
 
 log = logging.getLogger(__name__)
 sg = jax.lax.stop_gradient
@@ -129,10 +140,6 @@ class _Fns:
   """Jitted latent <-> image <-> CLIP functions for one (VQGAN, CLIP, settings)."""
 
   def __init__(self, vq_config, clip_config, settings):
-    import optax  # pylint: disable=g-import-not-at-top
-    from dalle_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
-    from dalle_jax.models import quantizer as quant_lib  # pylint: disable=g-import-not-at-top
-    from dalle_jax.models.vqgan import vqgan_from_config  # pylint: disable=g-import-not-at-top
     vq = vqgan_from_config(vq_config)
     clip = clip_lib.build_model(clip_config)
     clip_size = int(clip_config.model.vision.image_size)
@@ -211,43 +218,25 @@ def _cfg_key(config):
 
 def _load_vqgan(vqgan):
   """(config, VQGAN-only variables) from a path or (config, variables)."""
-  from dalle_jax.tasks.vqgan import vqgan_variables  # pylint: disable=g-import-not-at-top
   if isinstance(vqgan, (str, os.PathLike)):
-    from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-    path = os.path.abspath(os.path.expanduser(os.fspath(vqgan)))
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"--vqgan {path}: no such directory (expected a VQGAN training "
-                              "workdir or an imported checkpoint directory)")
-    config, variables = checkpoint.load_model(path)
-    where = path
-  elif isinstance(vqgan, (tuple, list)) and len(vqgan) == 2:
-    config, variables = vqgan
-    where = "the given VQGAN"
-  else:
+    return loader.load_vqgan(os.fspath(vqgan), "--vqgan")
+  if not (isinstance(vqgan, (tuple, list)) and len(vqgan) == 2):
     raise TypeError(f"vqgan must be a path or (config, variables), got {type(vqgan).__name__}")
+  config, variables = vqgan
   if config.get("family") != "vqgan":
-    raise ValueError(f"{where}: a {config.get('family')!r} model, not a VQGAN "
+    raise ValueError(f"the given VQGAN: a {config.get('family')!r} model, not a VQGAN "
                      "(config.family must be 'vqgan')")
-  variables = vqgan_variables(nn.unbox(variables))
-  params = variables["params"]
-  missing = [k for k in ("decoder", "post_quant_conv") if k not in params]
-  has_codebook = "codebook" in params.get("quantize", {}) or "vq_ema" in variables
-  if not has_codebook:
-    missing.append("quantize/codebook")
-  if missing:
-    raise ValueError(f"{where}: the VQGAN variables lack {', '.join(missing)} "
-                     f"(have: {sorted(params)}); VQGAN+CLIP needs the quantizer and the decoder")
+  variables = loader.vqgan_variables(nn.unbox(variables))
+  loader.check_vqgan_variables(variables, "the given VQGAN")
   return config, variables
 
 
 def _load_clip(clip):
   """A ClipEncoder from a path (cached, shared with reranking), (config, variables) or itself."""
-  from dalle_jax.sampling import rerank  # pylint: disable=g-import-not-at-top
-  from dalle_jax.tools.embed import ClipEncoder  # pylint: disable=g-import-not-at-top
   if isinstance(clip, ClipEncoder):
     return clip
   if isinstance(clip, (str, os.PathLike)):
-    return rerank.get_encoder(os.path.abspath(os.path.expanduser(os.fspath(clip))))
+    return rerank.get_encoder(os.path.abspath(os.path.expanduser(os.fspath(clip))), flag="--clip")
   if isinstance(clip, (tuple, list)) and len(clip) == 2:
     config, variables = clip
     if config.get("family") != "clip":
@@ -279,13 +268,12 @@ def _parse_grid(grid, default):
 def _read_init_image(init_image, height, width):
   """A path / PIL image / array (uint8 or [-1, 1] float) -> f32 (1, H, W, 3) in [-1, 1]."""
   if isinstance(init_image, (str, os.PathLike)):
-    from dalle_jax.data import images as img_lib  # pylint: disable=g-import-not-at-top
     path = os.fspath(init_image)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"init image {path}: no such file")
     try:
-      img = np.asarray(img_lib.open_image(path)[0])
-    except img_lib.ImageError as e:
+      img = np.asarray(images_lib.open_image(path)[0])
+    except images_lib.ImageError as e:
       raise ValueError(f"init image {path}: {e}") from None
   elif hasattr(init_image, "convert"):  # PIL
     img = np.asarray(init_image.convert("RGB"))
@@ -294,13 +282,8 @@ def _read_init_image(init_image, height, width):
   if img.ndim != 3 or img.shape[-1] != 3:
     raise ValueError(f"init image: expected (H, W, 3), got shape {img.shape}")
   x = img.astype(np.float32) / 127.5 - 1.0 if img.dtype == np.uint8 else img.astype(np.float32)
-  # Shorter side to fit, then a centre crop to (height, width).
-  h, w, _ = x.shape
-  k = max(height / h, width / w)
-  nh, nw = max(height, round(h * k)), max(width, round(w * k))
-  x = jax.image.resize(jnp.asarray(x), (nh, nw, 3), "bicubic", antialias=True)
-  top, left = (nh - height) // 2, (nw - width) // 2
-  return jnp.clip(x[top:top + height, left:left + width], -1.0, 1.0)[None]
+  # shorter side to fit, then a centre crop to (height, width)
+  return jnp.clip(images_lib.resize_and_crop_float(x[None], height, width), -1.0, 1.0)
 
 
 # --- the generator -------------------------------------------------------------------------
@@ -378,13 +361,10 @@ class VQGANCLIP:
       os.makedirs(frames_dir, exist_ok=True)
 
     def save_frame(i, img):
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      from dalle_jax.tasks.base import to_uint8  # pylint: disable=g-import-not-at-top
       path = os.path.join(frames_dir, f"frame_{i:05d}.png")
-      Image.fromarray(to_uint8(img)).save(path)
+      Image.fromarray(images_lib.to_uint8(img)).save(path)
       frames.append(path)
 
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(range(steps), desc="VQGAN+CLIP", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     history = []
@@ -403,8 +383,7 @@ class VQGANCLIP:
     similarity = float(fns.score(self.clip_vars, img, text_e))
     if save_every and steps % save_every == 0:
       save_frame(steps, np.asarray(img))
-    from dalle_jax.tasks.base import to_uint8  # pylint: disable=g-import-not-at-top
-    return {"image": to_uint8(img), "codes": np.asarray(codes[0], np.int32),
+    return {"image": images_lib.to_uint8(img), "codes": np.asarray(codes[0], np.int32),
             "similarity": similarity, "initial_similarity": initial_similarity,
             "history": history, "frames": frames}
 
@@ -469,8 +448,6 @@ def _parser():
 
 def vqgan_clip_main(argv=None):
   """sample.py --method vqgan_clip entry point; returns the grid PNG's path."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  from dalle_jax.tasks.base import image_grid  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
   for noisy in ("absl", "orbax", "jax._src"):
@@ -513,7 +490,7 @@ def vqgan_clip_main(argv=None):
     json.dump({"method": "vqgan_clip", "vqgan": args.vqgan, "clip": args.clip, "images": rows,
                **settings}, f, indent=2)
   images = np.stack([r["image"] for r in results])
-  Image.fromarray(image_grid(images, ncols=min(len(images), 8))).save(out)
+  Image.fromarray(images_lib.image_grid(images, ncols=min(len(images), 8))).save(out)
   for row in rows:
     print(f"{row['file']}: CLIP similarity {row['initial_clip_similarity']:.4f} -> "
           f"{row['clip_similarity']:.4f}  ({row['prompt']!r})")

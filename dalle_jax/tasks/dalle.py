@@ -25,7 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax import parallel
+from dalle_jax.data import images as images_lib
+from dalle_jax.data import records
+from dalle_jax.data import tokenizers
+from dalle_jax.models import dalle
+from dalle_jax.models import dalle_mini
+from dalle_jax.models import loader
 from dalle_jax.models import losses
+from dalle_jax.sampling import decode
+from dalle_jax.sampling import generate
 from dalle_jax.tasks import base
 
 log = logging.getLogger(__name__)
@@ -35,7 +44,6 @@ _VOCAB_KEYS = ("image_vocab_size", "n_embed", "codebook_size", "num_codes", "voc
 
 def dataset_meta(data_cfg):
   """(grid, vocab, vqgan) from an encoded records directory; None where unknown."""
-  from dalle_jax.data import records  # pylint: disable=g-import-not-at-top
   path = data_cfg.dataset
   if not records.is_records_dir(path):
     return None, None, None
@@ -61,25 +69,35 @@ def dataset_meta(data_cfg):
   return grid, vocab, vqgan
 
 
+def _mesh_of(tree):
+  """The multi-device mesh `tree`'s arrays are placed on, or None (one device)."""
+  for x in jax.tree.leaves(tree):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+      return sharding.mesh
+  return None
+
+
 class DalleTask(base.Task):
   name = "dalle"
 
   def __init__(self, config):
     super().__init__(config)
-    self.layout = config.model.get("layout", "dalle")
+    c = self.config  # the task's own copy: what it resolves below lands there
+    self.layout = c.model.get("layout", "dalle")
     if self.layout not in ("dalle", "dalle_mini"):
       raise ValueError(f"config.model.layout={self.layout!r}: expected 'dalle' or 'dalle_mini'")
     self._apply_dataset_meta()
     self._tokenizer = None
-    if not config.model.text_vocab_size:
-      config.model.text_vocab_size = int(self.tokenizer.vocab_size)
-      log.info("model.text_vocab_size = %d (from the tokenizer)", config.model.text_vocab_size)
-    if config.text.max_len != config.model.text_len:
-      raise ValueError(f"config.text.max_len={config.text.max_len} must equal "
-                       f"config.model.text_len={config.model.text_len}")
+    if not c.model.text_vocab_size:
+      c.model.text_vocab_size = int(self.tokenizer.vocab_size)
+      log.info("model.text_vocab_size = %d (from the tokenizer)", c.model.text_vocab_size)
+    if c.text.max_len != c.model.text_len:
+      raise ValueError(f"config.text.max_len={c.text.max_len} must equal "
+                       f"config.model.text_len={c.model.text_len}")
     self.model = self._build(decode=False)
-    self.num_codes = int(config.model.image_grid) ** 2
-    self.text_len = int(config.model.text_len)
+    self.num_codes = int(c.model.image_grid) ** 2
+    self.text_len = int(c.model.text_len)
 
   # --- setup ----------------------------------------------------------------------
   def _apply_dataset_meta(self):
@@ -109,15 +127,12 @@ class DalleTask(base.Task):
     kw = dict(decode=decode, dtype=c.dtype, param_dtype=c.param_dtype, remat=c.remat,
               scan=c.scan_layers)
     if self.layout == "dalle":
-      from dalle_jax.models import dalle  # pylint: disable=g-import-not-at-top
       return dalle.from_config(c.model, **kw)
-    from dalle_jax.models import dalle_mini  # pylint: disable=g-import-not-at-top
     return dalle_mini.from_config(c.model, **kw)
 
   @property
   def tokenizer(self):
     if self._tokenizer is None:
-      from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
       c = self.config
       self._tokenizer = tokenizers.get_tokenizer(c.text, data_cfg=c.data)
       if c.text.tokenizer == "sentencepiece" and not c.text.path:
@@ -155,8 +170,7 @@ class DalleTask(base.Task):
   def _forward_args(self, batch):
     text, mask = batch["text"].astype(jnp.int32), batch["text_mask"].astype(bool)
     if self.layout == "dalle":
-      from dalle_jax.models.dalle import pad_text  # pylint: disable=g-import-not-at-top
-      return (pad_text(text, mask, self.config.model.text_vocab_size), batch["codes"])
+      return (dalle.pad_text(text, mask, self.config.model.text_vocab_size), batch["codes"])
     return (text, mask, batch["codes"])
 
   def init(self, rng, batch):
@@ -201,36 +215,50 @@ class DalleTask(base.Task):
 
   # --- sampling preview -------------------------------------------------------------
   def preview(self, params, model_state, batch, rng):
-    from dalle_jax.sampling import decode, generate  # pylint: disable=g-import-not-at-top
-    from dalle_jax.models import loader  # pylint: disable=g-import-not-at-top
+    """One row per prompt of the batch: its encoded ground truth, then samples.
+
+    Multi-host: `batch` may hold global arrays and `params` may be sharded over
+    a mesh spanning processes. The prompts are gathered to every process, the
+    rows decoded over the parameters' mesh (`decode.generate(mesh=)`: scanned
+    parameters unstacked for the per-layer decoder, placed by logical names),
+    the codes gathered with process_allgather, and every process decodes the
+    same images with its local VQGAN (the trainer writes them on process 0).
+    """
     c = self.config
     s = c.sampling
     if not c.get("vqgan"):
       log.info("preview skipped: config.vqgan is not set (no decoder for codes)")
       return {}
-    try:
-      vq = loader.load_vqgan(c.vqgan, "config.vqgan")
-    except (FileNotFoundError, ValueError) as e:
-      log.warning("preview skipped: %s", e)
-      return {}
-    n_p = min(int(s.num_prompts), len(batch["text"]))
+    if getattr(self, "_preview_vqgan", None) is None:
+      try:
+        self._preview_vqgan = loader.load_vqgan(c.vqgan, "config.vqgan")
+      except (FileNotFoundError, ValueError) as e:
+        log.warning("preview skipped: %s", e)
+        return {}
+    vq_config, vq_vars = self._preview_vqgan
+    n_p = min(int(s.num_prompts), batch["text"].shape[0])
     n_s = int(s.samples_per_prompt)
-    text = np.repeat(np.asarray(batch["text"][:n_p]), n_s, 0)
-    mask = np.repeat(np.asarray(batch["text_mask"][:n_p]), n_s, 0)
+    text = np.repeat(parallel.to_host(batch["text"])[:n_p], n_s, 0)
+    mask = np.repeat(parallel.to_host(batch["text_mask"])[:n_p], n_s, 0)
     ids, umask = self.blank_text()
     sp = decode.SamplingParams(float(s.temperature), int(s.top_k), float(s.top_p),
                                float(s.guidance_scale))
-    decoder = getattr(self, "_preview_decoder", None)
-    if decoder is None:
-      decoder = self._preview_decoder = decode.make_decoder(c)
-    codes = decode.generate(decoder, params, text, mask, rng=rng, sp=sp, uncond_text=ids,
-                            uncond_mask=umask, chunk=max(int(s.chunk), self.num_codes))
-    images = generate.codes_to_images(vq[0], vq[1], np.asarray(codes), int(c.model.image_grid))
-    truth = generate.codes_to_images(vq[0], vq[1], np.asarray(batch["codes"][:n_p]),
-                                  int(c.model.image_grid))
-    # one row per prompt: the encoded ground truth, then the samples
+    if getattr(self, "_preview_decoder", None) is None:
+      self._preview_decoder = decode.make_decoder(c)
+    mesh = _mesh_of(params)
+    codes = decode.generate(self._preview_decoder, params, text, mask, rng=rng, sp=sp,
+                            uncond_text=ids, uncond_mask=umask,
+                            chunk=max(int(s.chunk), self.num_codes), mesh=mesh,
+                            rules=parallel.rules_from_config(c) if mesh is not None else ())
+    grid = int(c.model.image_grid)
+    if mesh is not None:  # the VQGAN placed on the mesh once, kept for the next preview
+      vq_vars = generate.replicate(vq_vars, mesh)
+      self._preview_vqgan = (vq_config, vq_vars)
+    to_images = lambda x: generate.codes_to_images(vq_config, vq_vars, x, grid, mesh=mesh)
+    images = to_images(parallel.to_host(codes))
+    truth = to_images(parallel.to_host(batch["codes"])[:n_p])
     rows = np.concatenate([truth[:, None], images.reshape((n_p, n_s) + images.shape[1:])], 1)
-    return {"samples": base.image_grid(rows.reshape((-1,) + rows.shape[2:]), ncols=n_s + 1)}
+    return {"samples": images_lib.image_grid(rows.reshape((-1,) + rows.shape[2:]), ncols=n_s + 1)}
 
   # --- accounting -------------------------------------------------------------------
   def _param_counts(self):

@@ -16,24 +16,22 @@ returned as the new model_state; the frozen LPIPS network lives in model_state
 
 Variables: {'params': {'vqgan': ..., 'discriminator': ...}, 'vq_ema': ..., 'lpips': ...}.
 
-Helpers for other families and tools (jitted, cached per config):
+Helpers for other families and tools (models.loader's VQGAN codec, jitted, cached per config):
   encode_images(config, variables, images (B, H, W, 3) in [-1, 1]) -> codes (B, h, w) int32
   decode_codes(config, variables, codes (B, h, w)) -> images (B, H, W, 3) in [-1, 1]
   reconstruct(config, variables, images) -> (images in [-1, 1], codes)
 """
-import functools
-import json
 import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from dalle_jax import parallel
 from dalle_jax.models import discriminator as disc_lib
 from dalle_jax.models import layers
+from dalle_jax.models import loader
 from dalle_jax.models.lpips import LPIPS, load_lpips_params
 from dalle_jax.models.vqgan import conv2d, vqgan_from_config
 from dalle_jax.tasks import base
@@ -85,53 +83,12 @@ def adaptive_weight(grad_nll, grad_gan, max_weight=1e4):
 
 
 # --- helpers used by other families / tools -------------------------------------------
-
-def vqgan_variables(variables):
-  """The VQGAN's own variables from a task variables tree (or pass-through)."""
-  params = variables["params"]
-  out = {"params": params["vqgan"] if "vqgan" in params else params}
-  if "vq_ema" in variables:
-    out["vq_ema"] = variables["vq_ema"]
-  return out
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted(config_json):
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  model = vqgan_from_config(config)
-
-  @jax.jit
-  def encode(v, images):
-    return model.apply(v, images, method=model.encode)[1]
-
-  @jax.jit
-  def decode(v, codes):
-    return jnp.clip(model.apply(v, codes, method=model.decode_codes), -1.0, 1.0)
-
-  return encode, decode
-
-
-def _key(config):
-  return config.to_json_best_effort(sort_keys=True)
-
-
-def encode_images(config, variables, images):
-  """Images (B, H, W, 3) in [-1, 1] -> codes (B, H/f, W/f) int32."""
-  if config.model.get("decoder_only", False):
-    raise ValueError("this VQGAN checkpoint holds only a decoder (imported from min-dalle's "
-                     "detoker.pt): it can decode codes but not encode images")
-  return _jitted(_key(config))[0](vqgan_variables(variables), jnp.asarray(images, jnp.float32))
-
-
-def decode_codes(config, variables, codes):
-  """Codes (B, h, w) int -> images (B, h*f, w*f, 3) f32 in [-1, 1]."""
-  return _jitted(_key(config))[1](vqgan_variables(variables), jnp.asarray(codes, jnp.int32))
-
-
-def reconstruct(config, variables, images):
-  """Images -> (reconstructions in [-1, 1], codes (B, h, w) int32): decode(encode(x))."""
-  codes = encode_images(config, variables, images)
-  return decode_codes(config, variables, codes), codes
+# The VQGAN codec lives with the model loader (shared with sampling and the tools);
+# these names stay for the task's preview and existing callers.
+vqgan_variables = loader.vqgan_variables
+encode_images = loader.vqgan_encode
+decode_codes = loader.vqgan_decode
+reconstruct = loader.vqgan_reconstruct
 
 
 # --- the task ----------------------------------------------------------------------

@@ -18,11 +18,19 @@ import argparse
 import os
 import sys
 
+import jax
+import ml_collections
 import numpy as np
+from tqdm import tqdm
+
+from dalle_jax import parallel
+from dalle_jax.data import images as img_lib
+from dalle_jax.data import pipeline
+from dalle_jax.data import records
+from dalle_jax.models import loader
 
 
 def _examples(source, indices, size):
-  from dalle_jax.data import images as img_lib
   for i in indices:
     ex = source[i]
     img = img_lib.resize_and_crop(img_lib.decode(ex["image"]), size)
@@ -33,11 +41,6 @@ def _examples(source, indices, size):
 
 def encode_split(config, variables, source, size, batch_size, mesh, progress=True):
   """Yields {'codes': int32 (h, w), 'caption': str, **labels} for every example of source."""
-  import jax
-  from tqdm import tqdm
-  from dalle_jax import parallel
-  from dalle_jax.data import images as img_lib
-  from dalle_jax.tasks import vqgan as vqgan_task
 
   n = len(source)
   bar = tqdm(total=n, desc="encoding", unit=" images", disable=not progress)
@@ -50,7 +53,7 @@ def encode_split(config, variables, source, size, batch_size, mesh, progress=Tru
     if k < batch_size:  # fixed shape: one compilation per split
       x = np.concatenate([x, np.zeros((batch_size - k,) + x.shape[1:], x.dtype)])
     with parallel.mesh_context(mesh):
-      codes = vqgan_task.encode_images(config, variables, parallel.shard_batch({"x": x}, mesh)["x"])
+      codes = loader.vqgan_encode(config, variables, parallel.shard_batch({"x": x}, mesh)["x"])
     codes = np.asarray(jax.device_get(codes))[:k].astype(np.int32)
     for (_, caption, labels), c in zip(chunk, codes):
       yield {"codes": c, "caption": caption, **labels}
@@ -72,14 +75,9 @@ def main(argv=None):
   parser.add_argument("--num_shards", type=int, default=1)
   args = parser.parse_args(argv)
 
-  import jax
-  import ml_collections
-  from dalle_jax import parallel
-  from dalle_jax.data import pipeline, records
-  from dalle_jax.tools.reconstruct import load_vqgan
 
   try:
-    config, variables = load_vqgan(args.vqgan)
+    config, variables = loader.load_vqgan(args.vqgan, "--vqgan")
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
   if config.model.get("decoder_only", False):

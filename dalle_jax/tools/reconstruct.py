@@ -13,24 +13,20 @@ import argparse
 import os
 import sys
 
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from dalle_jax.data import images as img_lib
+from dalle_jax.models import loader
+from dalle_jax.tasks import vqgan as vqgan_task
 
 
 def list_images(folder):
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"--input {folder!r} is not a directory")
-  return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
-
-
-def load_vqgan(path):
-  """(config, variables) from a training workdir or imported checkpoint, checked to be a VQGAN."""
-  from dalle_jax.train.checkpoint import load_model
-  config, variables = load_model(path)
-  if config.get("family") != "vqgan":
-    raise ValueError(f"{path}: a {config.get('family')!r} model, not a VQGAN")
-  return config, variables
+  return sorted(f for f in os.listdir(folder) if f.lower().endswith(img_lib.IMAGE_EXTS))
 
 
 def main(argv=None):
@@ -45,14 +41,9 @@ def main(argv=None):
   parser.add_argument("--image_size", type=int, default=0, help="default: the model's data.image_size")
   args = parser.parse_args(argv)
 
-  from PIL import Image
-  from tqdm import tqdm
-  import jax.numpy as jnp
-  from dalle_jax.data import images as img_lib
-  from dalle_jax.tasks import vqgan as vqgan_task
-
   try:
-    config, variables = load_vqgan(args.workdir or args.checkpoint)
+    config, variables = loader.load_vqgan(args.workdir or args.checkpoint,
+                                          "--workdir" if args.workdir else "--checkpoint")
     names = list_images(args.input)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(f"error: {e}")
@@ -88,7 +79,7 @@ def main(argv=None):
     n = len(x)
     if n < bs:  # pad to a fixed batch: one compilation for the whole folder
       x = np.concatenate([x, np.repeat(x[-1:], bs - n, axis=0)])
-    recon, codes = vqgan_task.reconstruct(config, variables, x)
+    recon, codes = loader.vqgan_reconstruct(config, variables, x)
     psnrs += list(np.asarray(vqgan_task.psnr(jnp.asarray(x), recon))[:n])
     ssims += list(np.asarray(vqgan_task.ssim(jnp.asarray(x), recon))[:n])
     np.add.at(counts, np.asarray(codes)[:n].reshape(-1), 1)

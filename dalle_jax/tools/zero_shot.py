@@ -16,18 +16,21 @@ import argparse
 import json
 import logging
 import os
-import sys
 
+import ml_collections
 import numpy as np
+from scipy.special import logsumexp
 
-from dalle_jax.tools.embed import ClipEncoder
+from dalle_jax.data import images as img_lib
+from dalle_jax.data import pipeline
+from dalle_jax.data import shapes
+from dalle_jax.sampling.clip_encoder import ClipEncoder
 
 log = logging.getLogger(__name__)
 
 
 def shapes_prompts(field):
   """Built-in (class names, templates) for the shapes dataset's label fields."""
-  from dalle_jax.data import shapes  # pylint: disable=g-import-not-at-top
   colors, kinds = shapes.COLOR_NAMES, shapes.SHAPES
   if field == "color":  # the shape's colour, marginalised over shape and background
     return colors, [f"a {{}} {s} on a {b} background" for s in kinds for b in colors]
@@ -62,7 +65,6 @@ def class_scores(encoder, image_emb, classnames, templates, ensemble="mean"):
   if ensemble == "mean":
     return image_emb @ class_embeddings(encoder, classnames, templates).T
   if ensemble == "logsumexp":
-    from scipy.special import logsumexp  # pylint: disable=g-import-not-at-top
     z = np.einsum("ne,cte->nct", image_emb, prompt_embeddings(encoder, classnames, templates))
     return logsumexp(encoder.logit_scale * z, axis=-1)
   raise ValueError(f"unknown ensemble {ensemble!r}; choose mean|logsumexp")
@@ -106,8 +108,6 @@ def retrieval_recall(image_emb, text_emb, ks=(1, 5, 10)):
 
 def load_eval_split(data_cfg, split, image_size, max_examples=None):
   """uint8 images resized/cropped to the model's size, captions and label fields."""
-  from dalle_jax.data import images as img_lib  # pylint: disable=g-import-not-at-top
-  from dalle_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   source = pipeline.load_source(data_cfg, split)
   n = len(source) if not max_examples else min(len(source), max_examples)
   images, captions, labels = [], [], {}
@@ -134,7 +134,6 @@ def _list_arg(value, sep):
 def evaluate(encoder, data_cfg, dataset, split="test", labels=None, classnames=None,
              templates=None, max_examples=None, ensemble="mean"):
   """Zero-shot + retrieval metrics on `split` of `dataset` -> dict."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   _ = encoder.tokenizer  # built from the model's own data config before we change it
   data_cfg = ml_collections.ConfigDict(data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg))
   data_cfg.dataset = dataset
