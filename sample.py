@@ -24,6 +24,11 @@ Diffusion (GLIDE-style text->image, or an imported diffusers U-Net):
       [--rerank_with CLIP --rerank_top K] [--mesh D,F,T] --out grid.png
   (--unconditional and no --prompt for an unconditional model; the checkpoint's
   scheduler settings are used unless a flag overrides them)
+
+unCLIP (DALL·E 2; Karlo imported with `python -m dalle_jax.tools.convert karlo`):
+  python sample.py --method unclip --checkpoint C --prompt "..." --num_images N --seed S \
+      [--prior_steps 25 --decoder_steps 25 --sr_steps 7 --prior_guidance_scale 4 \
+       --decoder_guidance_scale 8] [--init_noise x_T.npz] [--mesh D,F,T] --out grid.png
 """
 import argparse
 import sys
@@ -31,11 +36,14 @@ import sys
 
 def main(argv):
   pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--method", default="ar", choices=["ar", "vqgan_clip", "diffusion"])
+  pre.add_argument("--method", default="ar", choices=["ar", "vqgan_clip", "diffusion", "unclip"])
   known, rest = pre.parse_known_args(argv)
   if known.method == "diffusion":
     from dalle_jax.sampling.diffusion import diffusion_main
     return diffusion_main(rest)
+  if known.method == "unclip":
+    from dalle_jax.sampling.unclip import unclip_main
+    return unclip_main(rest)
   if known.method == "vqgan_clip":
     from dalle_jax.sampling.vqgan_clip import vqgan_clip_main
     return vqgan_clip_main(rest)

@@ -1,0 +1,227 @@
+"""`python -m dalle_jax.tools.convert karlo --src DIR --out CKPT`
+
+Karlo's diffusers folder (UnCLIPPipeline: prior/, text_proj/, decoder/, super_res_first/,
+super_res_last/, text_encoder/ = CLIPTextModelWithProjection, tokenizer/, prior_scheduler/,
+decoder_scheduler/, super_res_scheduler/) becomes ONE `unclip`-family checkpoint:
+
+  CKPT/config.json   family "unclip";
+                     model.prior            PriorTransformer kwargs (models/prior.py)
+                     model.decoder          {text_proj: TextProjection kwargs, unet: UNet kwargs}
+                     model.super_res_first, model.super_res_last   UNet kwargs
+                     model.text_encoder     clip.TextTower kwargs (CLIP's text tower)
+                     model.decoder_size, model.super_res_size      image sizes (pixels)
+                     schedulers.{prior, decoder, super_res}        SchedulerConfig dicts
+                     text                   the HF tokenizer (path "tokenizer", max_len = the
+                                            prior's caption length)
+                     sampling               Karlo's defaults (steps 25/25/7, guidance 4/8)
+  CKPT/variables/    {'params': {prior, decoder {text_proj, unet}, super_res_first,
+                                 super_res_last, text_encoder},
+                      'clip_stats': {mean, std}}   (the prior's embedding statistics)
+  CKPT/tokenizer/    the source's tokenizer files
+
+`dalle_jax.sampling.unclip.UnclipPipeline.load(CKPT)` reads it in one call. The modules
+are mapped and checked by dalle_jax/convert/karlo.py; the CLIP text tower's tensors by
+dalle_jax/convert/hf_clip.py's rules (text half).
+"""
+import argparse
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import numpy as np
+
+from dalle_jax.convert import hf_clip
+from dalle_jax.convert import karlo
+from dalle_jax.diffusion import schedule as schedule_lib
+
+ConversionError = karlo.ConversionError
+FAMILY = "unclip"
+# UnCLIPPipeline's defaults
+SAMPLING_DEFAULTS = dict(prior_steps=25, decoder_steps=25, sr_steps=7, prior_guidance_scale=4.0,
+                         decoder_guidance_scale=8.0)
+TOKENIZER_DIR = "tokenizer"
+
+
+# --- the CLIP text encoder (CLIPTextModelWithProjection) ----------------------------
+
+def text_encoder_config(src):
+  """TextTower kwargs for `src`'s CLIPTextModelWithProjection config.json (via hf_clip's
+  config reader, given the text tower alone)."""
+  path = os.path.join(src, "config.json")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{src}: no config.json (not a Hugging Face model folder)")
+  with open(path) as f:
+    try:
+      tc = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConversionError(f"{path}: not valid JSON ({e})") from e
+  if tc.get("model_type") != "clip_text_model":
+    raise ConversionError(f"{path}: model_type={tc.get('model_type')!r}, expected "
+                          "'clip_text_model' (CLIPTextModelWithProjection)")
+  if tc.get("projection_dim") is None:
+    raise ConversionError(f"{path}: projection_dim is missing (need the text projection)")
+  # hf_clip reads CLIPModel configs; the vision half is never built from it here.
+  act = tc.get("hidden_act", "quick_gelu")
+  eps = tc.get("layer_norm_eps", 1e-5)
+  vision = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                image_size=8, patch_size=8, hidden_act=act, layer_norm_eps=eps)
+  c = hf_clip.config_from_hf(dict(model_type="clip", text_config=tc, vision_config=vision,
+                                  projection_dim=tc["projection_dim"]), None)
+  t, m = c.model.text, c.model
+  return c, dict(vocab_size=int(t.vocab_size), max_len=int(t.max_len), width=int(t.width),
+                 num_layers=int(t.layers), num_heads=int(t.heads), mlp_dim=int(t.mlp_dim),
+                 embed_dim=int(m.embed_dim), activation=m.activation,
+                 ln_epsilon=float(m.ln_epsilon), pool=t.pool, eos_id=int(t.eos_id))
+
+
+def convert_text_encoder(src):
+  """(TextTower kwargs, params) of a CLIPTextModelWithProjection folder; every tensor checked."""
+  src = os.path.abspath(src)
+  clip_cfg, kwargs = text_encoder_config(src)
+  weights = hf_clip.read_hf_weights(src)
+  expected = {k[len("text/"):]: v for k, v in hf_clip.expected_shapes(clip_cfg).items()
+              if k.startswith("text/")}
+  rules = [(h, o[len("text/"):], fn) for h, o, fn in hf_clip.conversion_rules(clip_cfg)
+           if o.startswith("text/")]
+  flat, missing, bad = {}, [], []
+  for name, ours, fn in rules:
+    if name not in weights:
+      missing.append(name)
+      continue
+    try:
+      y = np.asarray(fn(weights[name]) if fn is not None else weights[name], np.float32)
+    except ValueError:
+      y = None
+    if y is None or tuple(y.shape) != tuple(expected[ours]):
+      bad.append(f"{name} {tuple(np.shape(weights[name]))} (model expects {ours} "
+                 f"{tuple(expected[ours])})")
+      continue
+    flat[ours] = y
+  used = {h for h, _, _ in rules}
+  unexpected = sorted(k for k in weights if k not in used
+                      and not k.endswith(hf_clip.IGNORED_SUFFIXES))
+  problems = [f"{kind} ({len(v)}): {', '.join(v[:12])}" for kind, v in
+              (("missing tensors", missing), ("unexpected tensors", unexpected),
+               ("shape mismatches", bad)) if v]
+  if problems:
+    raise ConversionError(f"{src}: cannot import the CLIP text encoder: " + "; ".join(problems))
+  tree = {}
+  for path, v in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return kwargs, tree
+
+
+# --- the whole folder ---------------------------------------------------------------
+
+def _sample_size(folder):
+  with open(os.path.join(folder, "config.json")) as f:
+    size = json.load(f).get("sample_size")
+  size = size[0] if isinstance(size, (list, tuple)) else size
+  if not size:
+    raise ConversionError(f"{folder}/config.json: no sample_size (the stage's resolution)")
+  return int(size)
+
+
+def _lists(tree):
+  """Tuples -> lists (JSON)."""
+  if isinstance(tree, dict):
+    return {k: _lists(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_lists(v) for v in tree]
+  return tree
+
+
+def import_karlo(src):
+  """Karlo's diffusers folder -> (config, variables, report lines)."""
+  from configs.common import DEFAULT_RULES  # pylint: disable=g-import-not-at-top
+  src = os.path.abspath(os.path.expanduser(src))
+  converted, schedulers, report = karlo.convert_karlo(src)
+  if "prior" not in converted:
+    raise ConversionError(f"{src}: the image-variation layout (image_encoder/, no prior/) is not "
+                          "supported by this converter yet: text-to-image needs prior/")
+  for name in ("text_encoder", "tokenizer"):
+    if not os.path.isdir(os.path.join(src, name)):
+      raise ConversionError(f"{src}: not Karlo's diffusers layout, missing {name}/")
+  te_kw, te_params = convert_text_encoder(os.path.join(src, "text_encoder"))
+  prior_kw, prior_vars = converted["prior"]
+  if te_kw["embed_dim"] != prior_kw["embed_dim"] or te_kw["width"] != prior_kw["text_dim"]:
+    raise ConversionError(
+        f"{src}: the text encoder gives {te_kw['embed_dim']}-d embeddings and {te_kw['width']}-d "
+        f"token states; the prior expects {prior_kw['embed_dim']} and {prior_kw['text_dim']}")
+  if te_kw["max_len"] < prior_kw["text_len"]:
+    raise ConversionError(f"{src}: the prior reads {prior_kw['text_len']} caption tokens; the text "
+                          f"encoder has only {te_kw['max_len']} positions")
+  scheds = {}
+  for key, folder in (("prior", "prior_scheduler"), ("decoder", "decoder_scheduler"),
+                      ("super_res", "super_res_scheduler")):
+    try:
+      scheds[key] = schedule_lib.SchedulerConfig.from_dict(schedulers[folder]).to_dict()
+    except ValueError as e:
+      raise ConversionError(f"{src}/{folder}/scheduler_config.json: {e}") from e
+  dec_size = _sample_size(os.path.join(src, "decoder"))
+  sr_size = _sample_size(os.path.join(src, "super_res_first"))
+  if _sample_size(os.path.join(src, "super_res_last")) != sr_size:
+    raise ConversionError(f"{src}: super_res_first and super_res_last have different sample_size")
+  vocab = te_kw["vocab_size"]
+  config = ml_collections.ConfigDict(dict(
+      family=FAMILY, dtype="float32", param_dtype="float32",
+      logical_axis_rules=_lists(DEFAULT_RULES), allow_replication_below=1 << 20,
+      model=_lists(dict(prior=prior_kw, decoder=converted["decoder"][0],
+                        super_res_first=converted["super_res_first"][0],
+                        super_res_last=converted["super_res_last"][0],
+                        text_encoder=te_kw, decoder_size=dec_size, super_res_size=sr_size)),
+      schedulers=scheds,
+      text=dict(tokenizer="hf", path=TOKENIZER_DIR, vocab_size=vocab,
+                max_len=int(prior_kw["text_len"]), lowercase=False),
+      sampling=dict(SAMPLING_DEFAULTS),
+      source=src))
+  params = {"prior": prior_vars["params"], "decoder": converted["decoder"][1]["params"],
+            "super_res_first": converted["super_res_first"][1]["params"],
+            "super_res_last": converted["super_res_last"][1]["params"],
+            "text_encoder": te_params}
+  variables = {"params": params, "clip_stats": prior_vars["clip_stats"]}
+  n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+  report = report + [f"{src}/text_encoder: CLIP text tower, {te_kw['num_layers']} layers, width "
+                     f"{te_kw['width']}, embedding {te_kw['embed_dim']}",
+                     f"total {n / 1e6:.2f}M parameters; decoder {dec_size} px, "
+                     f"super-resolution {sr_size} px"]
+  return config, variables, report
+
+
+def write_checkpoint(src, out):
+  from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  config, variables, report = import_karlo(src)
+  out = os.path.abspath(out)
+  tok_src = os.path.join(os.path.abspath(os.path.expanduser(src)), "tokenizer")
+  files = [f for f in hf_clip.TOKENIZER_FILES if os.path.isfile(os.path.join(tok_src, f))]
+  if not any(f in files for f in ("tokenizer.json", "vocab.json")):
+    raise ConversionError(f"{tok_src}: no tokenizer.json or vocab.json + merges.txt")
+  dst = os.path.join(out, TOKENIZER_DIR)
+  os.makedirs(dst, exist_ok=True)
+  for f in files:
+    shutil.copyfile(os.path.join(tok_src, f), os.path.join(dst, f))
+  checkpoint.save_imported(out, config, variables)
+  return config, report
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog="python -m dalle_jax.tools.convert karlo", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--src", required=True, help="Karlo's diffusers pipeline folder")
+  p.add_argument("--out", required=True, help="checkpoint directory to write")
+  args = p.parse_args(argv)
+  try:
+    _, report = write_checkpoint(args.src, args.out)
+  except (ValueError, OSError) as e:
+    raise SystemExit(f"error: {e}")
+  for line in report:
+    print(line)
+  print(f"wrote {os.path.abspath(args.out)} (sample with: python sample.py --method unclip "
+        f"--checkpoint {args.out} --prompt ...)")
+  return args.out
