@@ -2,8 +2,9 @@
 (UNet2DConditionModel + IF's schedulers + a tiny T5 v1.1 text encoder and tokenizer, saved in
 the pipeline layout) convert and reproduce diffusers: the U-Nets within 1e-4, a guided 8-step
 DDIM loop per stage run the way IF's pipelines guide (learned variance split 3 + 3, dynamic
-thresholding), stage II from the same low-res image, noise level and x_T; the converted
-checkpoint's T5 reproduces the tiny T5's states."""
+thresholding), stage II from the same low-res image, noise level and x_T, and stage I's own
+DDPM sampler (learned-range variance) with diffusers' noise draws; the converted checkpoint's
+T5 reproduces the tiny T5's states. ~65 CPU-s."""
 import json
 import os
 
@@ -132,6 +133,10 @@ def _bhwc(x_nchw):
   return x_nchw.numpy().transpose(0, 2, 3, 1)
 
 
+def _sched_config(root):
+  return diffusers.DDPMScheduler.from_pretrained(os.path.join(root, "scheduler")).config
+
+
 def _diffusers_ddim(unet, sched_config, x_T, pos, neg, model_extra=None, cond_input=None,
                     thresholding=True, scale=GUIDANCE):
   """IF's denoising loop with a DDIM scheduler built from IF's config, by hand as
@@ -153,10 +158,12 @@ def _diffusers_ddim(unet, sched_config, x_T, pos, neg, model_extra=None, cond_in
 
 
 def _check_unet_parity(imp, unet, low_res=None, noise_level=None):
+  """U-Net outputs on 4 rows (the [cond; uncond] states of a guided pass); returns our
+  jitted apply(x, t, context) (stage I), compiled for those shapes."""
   rng = np.random.default_rng(0)
-  pos, neg = _prompt_states()
-  x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
-  t = np.array([3, 700])
+  ctx = np.concatenate(_prompt_states())
+  x = rng.standard_normal((4, 8, 8, 3)).astype(np.float32)
+  t = np.array([3, 700, 250, 999], np.int32)
   extra, kw = {}, {}
   inp = _nchw(x)
   if low_res is not None:
@@ -164,12 +171,13 @@ def _check_unet_parity(imp, unet, low_res=None, noise_level=None):
     extra = {"class_labels": torch.from_numpy(noise_level)}
     kw = dict(low_res_bhwc=jnp.asarray(low_res), embeds={"class": jnp.asarray(noise_level)})
   with torch.no_grad():
-    want = _bhwc(unet(inp, torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(pos),
+    want = _bhwc(unet(inp, torch.from_numpy(t).long(), encoder_hidden_states=torch.from_numpy(ctx),
                       **extra).sample)
   model = unet_lib.UNet(**imp.unet_config)
-  got = jax.jit(lambda v: model.apply(v, jnp.asarray(x), jnp.asarray(t),
-                                      context_bsd=jnp.asarray(pos), **kw))(imp.unet_variables)
+  apply = jax.jit(lambda x, t, ctx: model.apply(imp.unet_variables, x, t, context_bsd=ctx, **kw))
+  got = apply(jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx))
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+  return apply
 
 
 def _our_guided_ddim(imp, x_T, pos, neg, low_res=None, embeds=None):
@@ -189,7 +197,7 @@ def _our_guided_ddim(imp, x_T, pos, neg, low_res=None, embeds=None):
   return np.asarray(jax.jit(run)(imp.unet_variables, jnp.asarray(x_T)))
 
 
-def test_stage1_unet_and_guided_ddim_loop_match_diffusers(stage1):
+def test_stage1_unet_guided_ddim_and_ddpm_loops_match_diffusers(stage1):
   root, unet, _ = stage1
   imp = if_lib.convert_if(root)
   cfg = imp.unet_config
@@ -202,21 +210,42 @@ def test_stage1_unet_and_guided_ddim_loop_match_diffusers(stage1):
   s = imp.scheduler
   assert (s.beta_schedule, s.variance_type, s.thresholding, s.dynamic_thresholding_ratio,
           s.sample_max_value) == ("squaredcos_cap_v2", "learned_range", True, 0.95, 1.5)
-  _check_unet_parity(imp, unet)
+  apply = _check_unet_parity(imp, unet)
 
   pos, neg = _prompt_states()
   x_T = np.random.default_rng(5).standard_normal((2, 8, 8, 3)).astype(np.float32)
-  want = _diffusers_ddim(unet, unet_sched_config(root), x_T, pos, neg)
+  want = _diffusers_ddim(unet, _sched_config(root), x_T, pos, neg)
   got = _our_guided_ddim(imp, x_T, pos, neg)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   # the loop exercised guidance and dynamic thresholding: without either diffusers ends elsewhere
-  plain = _diffusers_ddim(unet, unet_sched_config(root), x_T, pos, neg, thresholding=False)
-  unguided = _diffusers_ddim(unet, unet_sched_config(root), x_T, pos, neg, scale=1.0)
+  plain = _diffusers_ddim(unet, _sched_config(root), x_T, pos, neg, thresholding=False)
+  unguided = _diffusers_ddim(unet, _sched_config(root), x_T, pos, neg, scale=1.0)
   assert np.abs(plain - want).max() > 0.1 and np.abs(unguided - want).max() > 0.1
 
-
-def unet_sched_config(root):
-  return diffusers.DDPMScheduler.from_pretrained(os.path.join(root, "scheduler")).config
+  # IF's own sampler, DDPM with the learned-range variance (the kept conditional half) and
+  # thresholding: diffusers' DDPMScheduler.step draws its noise from a torch generator; our
+  # ddpm_step gets the same draws
+  sched = diffusers.DDPMScheduler.from_config(_sched_config(root))
+  sched.set_timesteps(STEPS)
+  plan = samplers.make_plan(imp.scheduler, "ddpm", STEPS)
+  np.testing.assert_array_equal(np.asarray(plan["t"]), sched.timesteps.numpy())
+  ctx = jnp.concatenate([jnp.asarray(pos), jnp.asarray(neg)])
+  model_fn = guidance.classifier_free_guidance(lambda x2, t2: apply(x2, t2, ctx), GUIDANCE,
+                                               learned_variance=True)
+  step = jax.jit(lambda p, x, out, noise: samplers.ddpm_step(imp.scheduler, p, x, out, noise)[0])
+  x_ref, x = _nchw(x_T), jnp.asarray(x_T)
+  g_ref, g_ours = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+  for i, t in enumerate(sched.timesteps):
+    with torch.no_grad():
+      uncond, cond = unet(torch.cat([x_ref, x_ref]), t,
+                          encoder_hidden_states=torch.from_numpy(np.concatenate([neg, pos]))
+                          ).sample.chunk(2)
+    out_ref = torch.cat([uncond[:, :3] + GUIDANCE * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], 1)
+    x_ref = sched.step(out_ref, t, x_ref, generator=g_ref).prev_sample
+    noise = torch.randn(x_ref.shape, generator=g_ours) if int(t) > 0 else torch.zeros(x_ref.shape)
+    x = step({k: v[i] for k, v in plan.items()}, x, model_fn(x, jnp.full((2,), int(t), jnp.int32)),
+             jnp.asarray(_bhwc(noise)))
+  np.testing.assert_allclose(np.asarray(x), _bhwc(x_ref), atol=1e-4, rtol=0)
 
 
 def test_stage2_unet_and_guided_ddim_loop_match_diffusers(stage2):
@@ -241,11 +270,12 @@ def test_stage2_unet_and_guided_ddim_loop_match_diffusers(stage2):
                                       imp.noising_scheduler)
   np.testing.assert_allclose(np.asarray(z), _bhwc(z_ref), atol=1e-5, rtol=0)
   np.testing.assert_array_equal(np.asarray(embeds["class"]), [level, level])
-  _check_unet_parity(imp, unet, low_res=_bhwc(z_ref), noise_level=np.array([level, 40]))
+  _check_unet_parity(imp, unet, low_res=np.concatenate([_bhwc(z_ref)] * 2),
+                     noise_level=np.array([level, 40, level, 900]))
 
   pos, neg = _prompt_states()
   x_T = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
-  want = _diffusers_ddim(unet, unet_sched_config(root), x_T, pos, neg, cond_input=z_ref,
+  want = _diffusers_ddim(unet, _sched_config(root), x_T, pos, neg, cond_input=z_ref,
                          model_extra={"class_labels": torch.tensor([level] * 4)})
   got = _our_guided_ddim(imp, x_T, pos, neg, low_res=z, embeds=embeds)
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
@@ -322,6 +352,5 @@ def test_bad_folders_and_configs_are_one_line_errors(stage2, tmp_path):
     if_lib.unet_config(dict(cfg, in_channels=3), "II", True)
   with pytest.raises(if_lib.ConversionError, match="mid_block_type"):
     if_lib.unet_config(dict(cfg, mid_block_type="UNetMidBlock2DCrossAttn"), "II", True)
-  for e in (ValueError,):
-    with pytest.raises(e, match="noise has shape"):
-      if_lib.stage2_condition(jnp.zeros((1, 4, 4, 3)), 8, 250, jnp.zeros((1, 4, 4, 3)))
+  with pytest.raises(ValueError, match="noise has shape"):
+    if_lib.stage2_condition(jnp.zeros((1, 4, 4, 3)), 8, 250, jnp.zeros((1, 4, 4, 3)))
