@@ -281,14 +281,31 @@ def test_sources_reject_bad_inputs_with_one_line(tmp_path):
 
 
 def _random_inception_pth(path):
-  """Our randomly initialised Inception saved under pytorch-fid's tensor names."""
+  """Random Inception weights (fan-in scaled convs, unit BatchNorm) under pytorch-fid's names."""
   import torch  # pylint: disable=g-import-not-at-top
+  from dalle_jax.convert import inception as conv  # pylint: disable=g-import-not-at-top
   from tests.test_inception import flax_to_torch  # pylint: disable=g-import-not-at-top
-  params = inception.InceptionV3().init(jax.random.key(0), jnp.zeros((1, 75, 75, 3)))["params"]
+  rng = np.random.default_rng(0)
+  flat = {}
+  for name, shape in conv.expected_shapes().items():
+    leaf = name.rsplit("/", 1)[1]
+    if leaf == "kernel":
+      flat[name] = (rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1])))
+    else:
+      flat[name] = np.full(shape, 1.0 if leaf in ("scale", "var") else 0.0, np.float32)
+  params = {}
+  for name, v in flat.items():
+    node = params
+    for part in name.split("/")[:-1]:
+      node = node.setdefault(part, {})
+    node[name.rsplit("/", 1)[1]] = v
   torch.save(flax_to_torch(params), path)
 
 
-def test_cli_fid_stats_and_errors(tmp_path, capsys):
+def test_cli_stats_fid_and_errors(tmp_path, capsys):
+  """stats of a folder and of an .npz batch, then fid of the statistics file against the
+  batch: the printed last line, the JSON/Markdown outputs, and FID equal to the Fréchet
+  distance of the two written statistics files."""
   from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
   pth = str(tmp_path / "pt_inception.pth")
   _random_inception_pth(pth)
@@ -298,20 +315,22 @@ def test_cli_fid_stats_and_errors(tmp_path, capsys):
     Image.fromarray(im).save(real / f"{i}.png")
   np.savez(tmp_path / "fake.npz", arr_0=_images(5, seed=2, size=32))
   common = ["--inception", pth, "--batch_size", "8"]
-  res = cli.main(["fid", "--real", str(real), "--fake", str(tmp_path / "fake.npz"), *common,
-                  "--out", str(tmp_path / "fid.json")])
+  cli.main(["stats", "--real", str(real), *common, "--out", str(tmp_path / "ref.npz")])
+  cli.main(["stats", "--real", str(tmp_path / "fake.npz"), *common,
+            "--out", str(tmp_path / "fake_stats.npz")])
+  res = cli.main(["fid", "--real", str(tmp_path / "ref.npz"), "--fake", str(tmp_path / "fake.npz"),
+                  *common, "--out", str(tmp_path / "fid.json")])
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last == f"FID {res['value']:.6f}" and res["value"] > 0
+  ref, fake = stats_lib.load_stats(str(tmp_path / "ref.npz")), stats_lib.load_stats(
+      str(tmp_path / "fake_stats.npz"))
+  assert ref[2] == 6 and fake[2] == 5
+  assert res["value"] == pytest.approx(stats_lib.frechet_distance(*ref[:2], *fake[:2]), rel=1e-9)
   saved = json.loads((tmp_path / "fid.json").read_text())
-  assert saved["real"]["n"] == 6 and saved["fake"]["n"] == 5
+  assert saved["real"]["kind"] == "stats" and saved["fake"]["n"] == 5
   assert saved["mode"] == "legacy_pytorch" and len(saved["inception"]["sha256"]) == 16
+  assert isinstance(saved["inception"]["feature_checksum"], float)
   assert "| value |" in (tmp_path / "fid.md").read_text()
-  # Reference statistics written once and reused give the same FID.
-  cli.main(["stats", "--real", str(real), *common, "--out", str(tmp_path / "ref.npz")])
-  again = cli.main(["fid", "--real", str(tmp_path / "ref.npz"), "--fake",
-                    str(tmp_path / "fake.npz"), *common, "--out", str(tmp_path / "fid2.json")])
-  assert again["value"] == pytest.approx(res["value"], rel=1e-9)
-  assert again["inception"]["feature_checksum"] == res["inception"]["feature_checksum"]
   # KID needs images on both sides: a statistics file is refused before any model loads.
   with pytest.raises(SystemExit, match="this metric needs images"):
     cli.main(["kid", "--real", str(tmp_path / "ref.npz"), "--fake", str(real), *common])
