@@ -12,6 +12,7 @@ installed, as etils.epath chooses; nothing here needs TensorFlow.
 """
 import os
 import shutil
+import tempfile
 
 from etils import epath
 
@@ -56,3 +57,14 @@ def copy(src, dst):
     return
   dst.parent.mkdir(parents=True, exist_ok=True)
   dst.write_bytes(src.read_bytes())
+
+
+def local_copy(path):
+  """A local file-system path holding `path`'s contents: `path` itself when it
+  is local, else a fresh copy (file or directory) in a new temporary directory,
+  for readers that open only local files (sentencepiece, tokenizers)."""
+  if not is_remote(path):
+    return os.fspath(path)
+  dst = os.path.join(tempfile.mkdtemp(prefix="dalle_jax_remote_"), epath.Path(path).name)
+  copy(path, dst)
+  return dst

@@ -123,3 +123,24 @@ def test_train_resume_and_load_from_a_bucket(bucket, tmp_path):
   for a, b in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert epath.Path("gs://bucket/run/config.json").exists()
+
+
+def test_read_config_fetches_a_bucket_tokenizer_to_local_disk(bucket):
+  """Tokenizer libraries open local files: a workdir's tokenizer snapshot (a
+  file or a Hugging Face directory) is copied out of the bucket."""
+  for name, is_dir in (("spm.model", False), ("hf_tok", True)):
+    root = epath.Path(f"gs://bucket/imported_{name}")
+    src = root / "tokenizer" / name
+    payload = os.urandom(64)
+    if is_dir:
+      (src / "sub").mkdir(parents=True)
+      (src / "sub" / "vocab.json").write_bytes(payload)
+    else:
+      src.parent.mkdir(parents=True)
+      src.write_bytes(payload)
+    (root / "config.json").write_text(json.dumps({"text": {"path": f"tokenizer/{name}"}}))
+    local = ckpt_lib.read_config(os.fspath(root)).text.path
+    assert not paths.is_remote(local) and os.path.isabs(local)
+    got = os.path.join(local, "sub", "vocab.json") if is_dir else local
+    with open(got, "rb") as f:
+      assert f.read() == payload

@@ -140,9 +140,9 @@ def _resolve_text_path(config, root):
   if text is not None and text.get("path") and not (os.path.isabs(text.path) or
                                                     paths.is_remote(text.path)):
     candidate = root / text.path
-    if candidate.exists():
+    if candidate.exists():  # tokenizer libraries read local files only
       with config.unlocked():
-        config.text.path = os.fspath(candidate)
+        config.text.path = paths.local_copy(candidate)
   return config
 
 
