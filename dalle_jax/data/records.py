@@ -17,9 +17,13 @@ A data config whose `dataset` is such a directory is read by the same pipeline
 """
 import json
 import os
+import shutil
+import tempfile
 
 import msgpack
 import numpy as np
+
+from dalle_jax import paths
 
 FORMAT = "dalle_jax.records"
 VERSION = 1
@@ -81,44 +85,40 @@ def _merge_spec(spec, new, key, index):
 
 
 def read_index(out_dir):
-  path = os.path.join(out_dir, INDEX_FILE)
-  if not os.path.exists(path):
+  path = paths.resolve(out_dir) / INDEX_FILE
+  if not path.exists():
     raise FileNotFoundError(f"{out_dir} is not a records directory: no {INDEX_FILE}")
-  with open(path) as f:
-    index = json.load(f)
+  index = json.loads(path.read_text())
   if index.get("format") != FORMAT:
     raise ValueError(f"{path}: not a {FORMAT} index (format={index.get('format')!r})")
   return index
 
 
 def is_records_dir(path):
-  return bool(path) and os.path.isfile(os.path.join(path, INDEX_FILE))
-
-
-def _atomic_write_json(path, obj):
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  return bool(path) and (paths.resolve(path) / INDEX_FILE).is_file()
 
 
 def write_records(out_dir, split, examples, num_shards=1, meta=None, progress=False):
   """Writes `examples` (an iterable of flat dicts) as split `split` of `out_dir`.
 
   All examples must have the same keys and per-key dtype/rank. Shard files are
-  written under temporary names and renamed when complete, then `records.json`
-  is replaced atomically (other splits already there are kept; `meta` is merged
+  written under temporary names and renamed when complete (in a bucket: staged
+  locally, then uploaded), then `records.json` is replaced atomically (other
+  splits already there are kept; `meta` is merged
   into the directory's meta). Write different splits of one directory one after
   another, not concurrently. Returns the number of examples written.
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-  os.makedirs(out_dir, exist_ok=True)
-  index = (read_index(out_dir) if is_records_dir(out_dir) else
+  out = paths.resolve(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  index = (read_index(out) if is_records_dir(out) else
            {"format": FORMAT, "version": VERSION, "features": {}, "splits": {}, "meta": {}})
   names = [f"{split}.array_record-{k:05d}-of-{num_shards:05d}" for k in range(num_shards)]
-  tmp_paths = [os.path.join(out_dir, f"{n}.tmp-{os.getpid()}") for n in names]
+  # array_record writes local files only: a bucket's shards are staged locally.
+  stage = tempfile.mkdtemp(prefix="dalle_jax_records_") if paths.is_remote(out) else None
+  tmp_paths = [os.path.join(stage or out, f"{n}.tmp-{os.getpid()}") for n in names]
   writers = [array_record_module.ArrayRecordWriter(p, "group_size:1") for p in tmp_paths]
   features, count = None, 0
   if progress:
@@ -142,19 +142,28 @@ def write_records(out_dir, split, examples, num_shards=1, meta=None, progress=Fa
     for w, p in zip(writers, tmp_paths):
       w.close()
       os.remove(p)
+    if stage:
+      shutil.rmtree(stage, ignore_errors=True)
     raise
   for w in writers:
     w.close()
   if count == 0:
     for p in tmp_paths:
       os.remove(p)
+    if stage:
+      shutil.rmtree(stage, ignore_errors=True)
     raise ValueError(f"write_records({out_dir!r}, {split!r}): no examples to write")
   old_files = index["splits"].get(split, {}).get("files", [])
   for tmp, name in zip(tmp_paths, names):
-    os.replace(tmp, os.path.join(out_dir, name))
+    if stage:
+      paths.copy(tmp, out / name)
+    else:
+      os.replace(tmp, out / name)
+  if stage:
+    shutil.rmtree(stage, ignore_errors=True)
   for name in old_files:
-    if name not in names and os.path.exists(os.path.join(out_dir, name)):
-      os.remove(os.path.join(out_dir, name))
+    if name not in names and (out / name).exists():
+      (out / name).unlink()
   for k, s in features.items():
     if k in index["features"]:
       _merge_spec(index["features"][k], s, k, f"(split {split})")
@@ -162,7 +171,7 @@ def write_records(out_dir, split, examples, num_shards=1, meta=None, progress=Fa
       index["features"][k] = s
   index["splits"][split] = {"num_examples": count, "files": names}
   index["meta"].update(meta or {})
-  _atomic_write_json(os.path.join(out_dir, INDEX_FILE), index)
+  paths.write_text(out / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
   return count
 
 
@@ -179,10 +188,13 @@ class RecordsSource:
     info = index["splits"][split]
     self.features = index["features"]
     self.meta = index["meta"]
-    self.files = [os.path.join(out_dir, f) for f in info["files"]]
-    for f in self.files:
-      if not os.path.exists(f):
+    files = [paths.resolve(out_dir) / f for f in info["files"]]
+    for f in files:
+      if not f.exists():
         raise FileNotFoundError(f"records file {f} listed in {INDEX_FILE} is missing")
+    # array_record reads local files only: a bucket's shards are fetched once, here
+    # (not in _open, which grain workers repeat after unpickling).
+    self.files = [paths.local_copy(f) for f in files]
     self._len = int(info["num_examples"])
     self._source = None  # opened lazily (and again after pickling, for grain workers)
 
