@@ -50,10 +50,12 @@ STAGE2 = dict(
                     "ResnetUpsampleBlock2D"),
     class_embed_type="timestep", resnet_skip_time_act=True, resnet_out_scale_factor=1.414,
     mid_block_scale_factor=1.414, time_embedding_act_fn="gelu")
-# IF's scheduler/scheduler_config.json
+# IF's scheduler/scheduler_config.json (diffusers' conversion script: stage II thresholds
+# with sample_max_value 1.0)
 IF_SCHEDULER = dict(beta_schedule="squaredcos_cap_v2", variance_type="learned_range",
                     thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5,
                     clip_sample=True, prediction_type="epsilon")
+SAMPLE_MAX = {"I": 1.5, "II": 1.0}
 
 
 def _tiny_unet(layout, seed):
@@ -73,7 +75,8 @@ def _tiny_unet(layout, seed):
 def _write_pipeline(root, stage, unet, with_t5):
   """The pipeline layout by hand: each part's save_pretrained + model_index.json."""
   unet.save_pretrained(os.path.join(root, "unet"))
-  diffusers.DDPMScheduler(**IF_SCHEDULER).save_pretrained(os.path.join(root, "scheduler"))
+  diffusers.DDPMScheduler(**dict(IF_SCHEDULER, sample_max_value=SAMPLE_MAX[stage])).save_pretrained(
+      os.path.join(root, "scheduler"))
   index = {"_class_name": "IFPipeline" if stage == "I" else "IFSuperResolutionPipeline",
            "unet": ["diffusers", "UNet2DConditionModel"],
            "scheduler": ["diffusers", "DDPMScheduler"],
@@ -326,6 +329,7 @@ def test_cli_checkpoint_config_weights_and_t5(stage1, stage2, tmp_path):
   assert config2.text_encoder.t5 == "" and config2.deepfloyd_if.stage == "II"
   assert config2.deepfloyd_if.noise_level == 250
   assert config2.deepfloyd_if.noising.beta_schedule == "squaredcos_cap_v2"
+  assert config2.diffusion.sample_max_value == 1.0 and config2.diffusion.thresholding
   assert config2.model.unet.low_res_channels == 3 and not os.path.exists(
       os.path.join(out2, if_lib.CHECKPOINT_T5))
 
