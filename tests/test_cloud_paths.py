@@ -44,6 +44,7 @@ def _strip(path):
 class _BucketFS(DirFileSystem):
   """gs://BUCKET/KEY -> ROOT/BUCKET/KEY; no append, as on an object store."""
   protocol = ("gs", "gcs")
+  cachable = False  # a new root for every test
   root = None
 
   def __init__(self, *args, **kwargs):
@@ -162,3 +163,20 @@ def test_records_written_to_and_read_from_a_bucket(bucket):
     np.testing.assert_array_equal(source[i]["codes"], examples[i]["codes"])
     assert source[i]["caption"] == examples[i]["caption"]
   assert [r["caption"] for r in source.__getitems__([5, 1])] == ["example 5", "example 1"]
+
+
+def test_imported_checkpoint_in_a_bucket(bucket):
+  """save_imported / load_model / load_params (init_from) on a gs:// directory."""
+  config = toy_task.get_config()
+  params = {"wi": {"kernel": np.arange(12, dtype=np.float32).reshape(3, 4)},
+            "wo": {"kernel": np.ones((4, 2), np.float32)}}
+  ckpt_lib.save_imported("gs://bucket/imported", config, {"params": params})
+  assert (bucket / "bucket" / "imported" / "config.json").is_file()
+  cfg, variables = ckpt_lib.load_model("gs://bucket/imported")
+  assert cfg.family == "tests.toy_task"
+  np.testing.assert_array_equal(np.asarray(variables["params"]["wi"]["kernel"]),
+                                params["wi"]["kernel"])
+  target = jax.tree.map(lambda x: jax.numpy.full(x.shape, -1.0), params)  # on one device
+  got = ckpt_lib.load_params("gs://bucket/imported", target, include="wi")
+  np.testing.assert_array_equal(np.asarray(got["wi"]["kernel"]), params["wi"]["kernel"])
+  np.testing.assert_array_equal(np.asarray(got["wo"]["kernel"]), -np.ones((4, 2)))
