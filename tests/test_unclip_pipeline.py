@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from dalle_jax.data import images as images_lib
 from dalle_jax.sampling import unclip as unclip_sampling
 from dalle_jax.tools import convert as convert_tool
 from tests.test_clip_convert import write_tiny_clip_tokenizer
@@ -103,14 +104,25 @@ def _step_noises(pipe, seed, n):
   return out
 
 
+_OURS = {}
+
+
+def _ours(ckpt):
+  """The single-device pipeline's float images (P, N, H, W, 3) for PROMPTS (computed once)."""
+  if ckpt not in _OURS:
+    pipe = unclip_sampling.UnclipPipeline.load(ckpt)
+    _OURS[ckpt] = (pipe, pipe.generate(
+        PROMPTS, N_IMAGES, SEED, prior_steps=STEPS["prior"], decoder_steps=STEPS["decoder"],
+        sr_steps=STEPS["super_res"], prior_guidance_scale=PRIOR_G,
+        decoder_guidance_scale=DECODER_G, return_float=True))
+  return _OURS[ckpt][1]
+
+
 def test_text_to_image_matches_diffusers(karlo, monkeypatch):
   ref, ckpt, _ = karlo
-  pipe = unclip_sampling.UnclipPipeline.load(ckpt)
+  ours = _ours(ckpt)
+  pipe = _OURS[ckpt][0]
   n = len(PROMPTS) * N_IMAGES
-  ours = pipe.generate(PROMPTS, N_IMAGES, SEED, prior_steps=STEPS["prior"],
-                       decoder_steps=STEPS["decoder"], sr_steps=STEPS["super_res"],
-                       prior_guidance_scale=PRIOR_G, decoder_guidance_scale=DECODER_G,
-                       return_float=True)
   assert ours.shape == (len(PROMPTS), N_IMAGES, BIG, BIG, 3)
   noise = pipe.initial_noise(SEED, n)  # what generate drew from the seed
   queue = _step_noises(pipe, SEED, n)
@@ -120,7 +132,7 @@ def test_text_to_image_matches_diffusers(karlo, monkeypatch):
     assert tuple(shape) == z.shape, (shape, z.shape)
     return torch.from_numpy(z).to(kw.get("dtype") or torch.float32)
   monkeypatch.setattr(scheduling_unclip, "randn_tensor", fake_randn)
-  t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
   out = ref(PROMPTS, num_images_per_prompt=N_IMAGES, prior_num_inference_steps=STEPS["prior"],
             decoder_num_inference_steps=STEPS["decoder"],
             super_res_num_inference_steps=STEPS["super_res"], prior_latents=t(noise["prior"]),
@@ -132,34 +144,40 @@ def test_text_to_image_matches_diffusers(karlo, monkeypatch):
   got = np.clip(ours.reshape(out.shape) * 0.5 + 0.5, 0, 1)
   assert np.std(out) > 0.05  # not a saturated / constant image
   np.testing.assert_allclose(got, out, atol=1e-3, rtol=0)
-  # the seeds and the guidance matter (a wrong wiring that ignores them would pass above only
-  # if diffusers ignored them too)
-  other = pipe.generate(PROMPTS[:1], 1, SEED + 1, prior_steps=3, decoder_steps=3, sr_steps=3,
-                        return_float=True)
-  assert np.abs(other[0, 0] - ours[0, 0]).max() > 1e-2
 
 
-def test_sample_cli_writes_outputs_and_errors(karlo, capsys):
+def test_sample_cli_sharded_equals_single_device(karlo):
+  """sample.py --method unclip on an 8-device mesh (4 rows padded to 8): the grid, the
+  images and samples.json, each image the single-device pipeline's (same seed), and
+  one-line errors for bad flags before anything compiles."""
   import sample  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
   _, ckpt, root = karlo
   out = os.path.join(root, "grid.png")
-  os.environ.setdefault("DALLE_JAX_CACHE_DIR", "")
-  sample.main(["--method", "unclip", "--checkpoint", ckpt, "--prompt", PROMPTS[1],
-               "--num_images", "2", "--seed", "0", "--prior_steps", "2", "--decoder_steps", "2",
-               "--sr_steps", "2", "--out", out])
+  os.environ["DALLE_JAX_CACHE_DIR"] = ""
+  flags = ["--prior_steps", "3", "--decoder_steps", "3", "--sr_steps", "3",
+           "--prior_guidance_scale", str(PRIOR_G), "--decoder_guidance_scale", str(DECODER_G)]
+  sample.main(["--method", "unclip", "--checkpoint", ckpt, "--prompt", PROMPTS[0], "--prompt",
+               PROMPTS[1], "--num_images", str(N_IMAGES), "--seed", str(SEED), "--mesh=-1,1,1",
+               "--out", out] + flags)
   stem = os.path.join(root, "grid")
   with open(os.path.join(stem, "samples.json")) as f:
     meta = json.load(f)
-  assert meta["method"] == "unclip" and meta["sampling"]["prior_steps"] == 2
-  assert meta["sampling"]["decoder_guidance_scale"] == 8.0  # Karlo's default from the config
-  assert [r["file"] for r in meta["images"]] == ["p00_000.png", "p00_001.png"]
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  img = np.asarray(Image.open(os.path.join(stem, "p00_000.png")))
-  assert img.shape == (BIG, BIG, 3)
+  assert meta["method"] == "unclip" and meta["sampling"]["prior_steps"] == 3
+  assert meta["schedulers"]["prior"]["prediction_type"] == "sample"
+  assert [r["file"] for r in meta["images"]] == ["p00_000.png", "p00_001.png", "p01_000.png",
+                                                 "p01_001.png"]
   assert os.path.isfile(out)
+  expected = images_lib.to_uint8(_ours(ckpt))
+  for r in meta["images"]:
+    img = np.asarray(Image.open(os.path.join(stem, r["file"])))
+    want = expected[r["prompt_index"], r["sample"]]
+    assert img.shape == want.shape == (BIG, BIG, 3)
+    assert np.abs(img.astype(int) - want).max() <= 1  # rounding at a .5 boundary at most
   for argv, needle in ((["--sr_steps", "1"], "--sr_steps 1"),
                        (["--prior_guidance_scale", "-1"], "--prior_guidance_scale -1"),
-                       (["--num_images", "0"], "--num_images 0")):
+                       (["--num_images", "0"], "--num_images 0"),
+                       (["--init_noise", os.path.join(root, "none.npz")], "none.npz")):
     with pytest.raises(SystemExit) as e:
       sample.main(["--method", "unclip", "--checkpoint", ckpt, "--prompt", "a cat",
                    "--out", out] + argv)
