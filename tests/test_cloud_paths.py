@@ -163,6 +163,9 @@ def test_records_written_to_and_read_from_a_bucket(bucket):
     np.testing.assert_array_equal(source[i]["codes"], examples[i]["codes"])
     assert source[i]["caption"] == examples[i]["caption"]
   assert [r["caption"] for r in source.__getitems__([5, 1])] == ["example 5", "example 1"]
+  # A TFDS dataset cannot be read from a bucket: named before any build starts.
+  with pytest.raises(ValueError, match=r"data_dir 'gs://bucket/data' is a bucket.*'shapes'"):
+    pipeline.load_source({"dataset": "shapes", "data_dir": "gs://bucket/data"}, "train")
 
 
 def test_imported_checkpoint_in_a_bucket(bucket):

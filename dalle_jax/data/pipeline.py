@@ -33,6 +33,7 @@ import warnings
 import grain
 import numpy as np
 
+from dalle_jax import paths
 from dalle_jax.data import images as img_lib
 from dalle_jax.data import records
 
@@ -154,6 +155,10 @@ def load_source(data_cfg, split):
   if dataset.startswith(("/", ".", "~")) or dataset.count("/") > 1 or os.path.isdir(dataset):
     raise ValueError(f"dataset {dataset!r} looks like a path but is not a records directory "
                      f"(no {records.INDEX_FILE} there)")
+  if paths.is_remote(data_dir):  # array_record (under TFDS) opens local files only
+    raise ValueError(f"data_dir {data_dir!r} is a bucket: only records directories "
+                     f"(tools.encode_dataset) are read from one; build TFDS dataset {dataset!r} "
+                     f"on local disk (or a gcsfuse mount)")
   builder, auto_build = _builder(dataset, data_dir)
   if not builder.is_prepared():
     if auto_build:
