@@ -31,6 +31,8 @@ setup(
         "msgpack>=1.0",
     ],
     extras_require={
+        # gs:// workdirs and data: epath's fsspec route and orbax's bucket checks.
+        "gcs": ["gcsfs>=2024.2", "google-cloud-storage>=2.14"],
         # Reference packages for the parity tests and benchmarks (CPU torch).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "torch==2.13.0", "min-dalle==0.4.11",
                  "diffusers==0.42.1"],
