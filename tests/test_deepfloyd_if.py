@@ -347,6 +347,24 @@ def test_bad_folders_and_configs_are_one_line_errors(stage2, tmp_path):
   with pytest.raises(if_lib.ConversionError,
                      match="missing unet/, scheduler/, image_noising_scheduler/"):
     if_lib.convert_if(str(tmp_path))
+  # a stage I folder whose T5 is narrower than encoder_hid_dim (caught before any weight
+  # is read), then a scheduler setting the samplers do not have
+  bad = tmp_path / "bad_stage1"
+  for part, cfg in (("unet", dict(STAGE1, _class_name="UNet2DConditionModel")),
+                    ("scheduler", dict(IF_SCHEDULER, _class_name="DDPMScheduler")),
+                    ("text_encoder", {"model_type": "t5", "d_model": 8})):
+    os.makedirs(bad / part)
+    name = "scheduler_config.json" if part == "scheduler" else "config.json"
+    with open(bad / part / name, "w") as f:
+      json.dump(cfg, f)
+  with open(bad / "model_index.json", "w") as f:
+    json.dump({"_class_name": "IFPipeline"}, f)
+  with pytest.raises(if_lib.ConversionError, match="T5 encoder is 8 wide.*encoder_hid_dim is 16"):
+    if_lib.convert_if(str(bad))
+  with open(bad / "scheduler" / "scheduler_config.json", "w") as f:
+    json.dump(dict(IF_SCHEDULER, use_karras_sigmas=True), f)
+  with pytest.raises(if_lib.ConversionError, match="scheduler_config.json: .*use_karras_sigmas"):
+    if_lib.convert_if(str(bad))
   cfg = dict(STAGE2, _class_name="UNet2DConditionModel")
   with pytest.raises(if_lib.ConversionError, match="class_embed_type.*noise level"):
     if_lib.unet_config(dict(cfg, class_embed_type=None), "II", True)

@@ -103,11 +103,10 @@ def read_stage(src):
 def read_scheduler(folder):
   """SchedulerConfig of FOLDER/scheduler_config.json (one-line errors naming the file)."""
   path = os.path.join(folder, "scheduler_config.json")
+  cfg = _read_json(path)
   try:
-    return schedule_lib.SchedulerConfig.from_dict(_read_json(path))
+    return schedule_lib.SchedulerConfig.from_dict(cfg)
   except (ValueError, TypeError) as e:
-    if isinstance(e, ConversionError):
-      raise
     raise ConversionError(f"{path}: {e}") from e
 
 
@@ -140,27 +139,31 @@ def unet_config(cfg, stage, learned_variance, where="unet/config.json"):
   return model_cfg
 
 
-def convert_unet(unet_dir, stage, learned_variance):
-  """(model config, variables, sample_size, report lines) of SRC/unet."""
+def read_unet_config(unet_dir, stage, learned_variance):
+  """(our model config, sample_size) from SRC/unet/config.json."""
   cfg = karlo.read_config(unet_dir, ("UNet2DConditionModel",))
   where = os.path.join(unet_dir, "config.json")
   model_cfg = unet_config(cfg, stage, learned_variance, where=where)
-  weights = dconv.read_weights(unet_dir)
-  variables = dconv.convert_weights(weights, model_cfg, where=unet_dir)
   size = cfg.get("sample_size")
   size = size[0] if isinstance(size, (list, tuple)) else size
   if not size:
     raise ConversionError(f"{where}: no sample_size")
+  return model_cfg, int(size)
+
+
+def convert_unet_weights(unet_dir, model_cfg, stage):
+  """(variables, report lines) of SRC/unet's tensors, every one checked by name and shape."""
+  weights = dconv.read_weights(unet_dir)
+  variables = dconv.convert_weights(weights, model_cfg, where=unet_dir)
   n = sum(int(np.prod(v.shape)) for v in weights.values())
   heads = [c // model_cfg["attn_head_dim"] for c, a in zip(model_cfg["block_channels"],
                                                            model_cfg["attention"]) if a != "none"]
-  return model_cfg, variables, int(size), [
+  return variables, [
       f"{unet_dir}: UNet2DConditionModel (IF stage {stage}), {len(weights)} tensors "
       f"({n / 1e6:.2f}M parameters) converted: levels {list(model_cfg['block_channels'])}, "
       f"blocks {list(model_cfg['num_res_blocks'])}, attention {list(model_cfg['attention'])} "
       f"(heads {heads} of {model_cfg['attn_head_dim']}), T5 width {model_cfg['context_dim']} -> "
-      f"{model_cfg['context_proj_dim']}, {model_cfg['out_channels']} output channels, "
-      f"{size} px"]
+      f"{model_cfg['context_proj_dim']}, {model_cfg['out_channels']} output channels"]
 
 
 def convert_if(src_dir, with_t5=True):
@@ -178,25 +181,28 @@ def convert_if(src_dir, with_t5=True):
   sched = read_scheduler(os.path.join(src, "scheduler"))
   noising = (read_scheduler(os.path.join(src, "image_noising_scheduler")) if stage == "II"
              else None)
-  model_cfg, variables, size, report = convert_unet(os.path.join(src, "unet"), stage,
-                                                    sched.learned_variance)
-  report.append(f"scheduler: {sched.beta_schedule}, {sched.prediction_type}, "
-                f"{sched.variance_type}, thresholding={sched.thresholding} (ratio "
-                f"{sched.dynamic_thresholding_ratio}, max {sched.sample_max_value})")
+  unet_dir = os.path.join(src, "unet")
+  model_cfg, size = read_unet_config(unet_dir, stage, sched.learned_variance)
+  t5_dir = tok_dir = None
+  if os.path.isdir(os.path.join(src, "text_encoder")):  # checked before any weight is read
+    t5_dir, tok_dir = hf_t5.locate(src)
+    width = hf_t5.read_hf_config(t5_dir).get("d_model")
+    if width != model_cfg["context_dim"]:
+      raise ConversionError(f"{t5_dir}/config.json: the T5 encoder is {width} wide but the "
+                            f"U-Net's encoder_hid_dim is {model_cfg['context_dim']}")
+  variables, report = convert_unet_weights(unet_dir, model_cfg, stage)
+  report.append(f"sample size {size} px; scheduler: {sched.beta_schedule}, "
+                f"{sched.prediction_type}, {sched.variance_type}, thresholding="
+                f"{sched.thresholding} (ratio {sched.dynamic_thresholding_ratio}, max "
+                f"{sched.sample_max_value})")
   if noising is not None:
     report.append(f"image_noising_scheduler: {noising.beta_schedule}, "
                   f"{noising.num_train_timesteps} levels")
-  t5_cfg = t5_vars = tok_dir = None
-  if os.path.isdir(os.path.join(src, "text_encoder")):
-    model_dir, tok_dir = hf_t5.locate(src)
-    width = hf_t5.read_hf_config(model_dir).get("d_model")
-    if width != model_cfg["context_dim"]:
-      raise ConversionError(f"{model_dir}/config.json: the T5 encoder is {width} wide but the "
-                            f"U-Net's encoder_hid_dim is {model_cfg['context_dim']}")
+  t5_cfg = t5_vars = None
+  if t5_dir is not None:
     if with_t5:
       t5_cfg, t5_vars = hf_t5.load_hf_t5(src)
-    report.append(f"text_encoder: T5 from {model_dir}"
-                  + ("" if tok_dir else " (NO tokenizer found)"))
+    report.append(f"text_encoder: T5 from {t5_dir}" + ("" if tok_dir else " (NO tokenizer found)"))
   else:
     report.append("text_encoder: none in this folder (IF stage II releases reuse stage I's "
                   "prompt states)")
