@@ -334,10 +334,12 @@ def test_cli_checkpoint_config_weights_and_t5(stage1, stage2, tmp_path):
       os.path.join(out2, if_lib.CHECKPOINT_T5))
 
 
-def test_bad_folders_and_configs_are_one_line_errors(stage2, tmp_path):
-  root, _ = stage2
+def test_bad_folders_and_configs_are_one_line_errors(tmp_path):
   with pytest.raises(if_lib.ConversionError, match="model_index.json: not found"):
     if_lib.convert_if(str(tmp_path))
+  with pytest.raises(SystemExit, match=r"^error: .*model_index.json: not found$"):
+    if_lib.main(["--src", str(tmp_path), "--out", str(tmp_path / "ckpt")])
+  assert not os.path.exists(tmp_path / "ckpt")
   with open(tmp_path / "model_index.json", "w") as f:
     json.dump({"_class_name": "StableDiffusionPipeline"}, f)
   with pytest.raises(if_lib.ConversionError, match="not a DeepFloyd IF pipeline"):
