@@ -3,7 +3,11 @@
   python train.py --config configs/diffusion.py:shapes --workdir demo/diffusion
     text-conditional 32 px model (GLIDE's design at toy size: a 2-layer text
     transformer feeding a small U-Net through cross-attention and the timestep
-    embedding) on the synthetic shapes dataset. MEASURED_SHAPES
+    embedding) on the synthetic shapes dataset: 1.42M parameters, 1.7 GFLOP per
+    training example (XLA's count), 300 steps of 32 images. Measured on the shared
+    2-core host: ~1.3 CPU-seconds per step in f32 (bf16 is no faster for these
+    convolutions on CPU: 2.41 vs 2.54 CPU-s at batch 64), so ~4 minutes of training
+    on two free cores; the loss falls from ~1.0 to ~0.1 within 100 steps.
   python sample.py --method diffusion --workdir demo/diffusion \
       --prompt "a red circle on a blue background" --num_images 8 --sampler ddim --steps 50 \
       --guidance_scale 3 --out diffusion.png

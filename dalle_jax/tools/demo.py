@@ -7,6 +7,9 @@
   5. train the CLIP `shapes` preset                   -> OUT/clip
   6. sample prompts, rerank with CLIP                 -> OUT/samples.png (+ the images)
   7. measure how often samples follow their prompts   -> OUT/report.json
+  8. train the diffusion `shapes` preset, sample the prompts with guided DDIM
+                                                      -> OUT/diffusion, OUT/diffusion_samples.png
+     (its prompt-following rates go into OUT/report.json as diffusion_follow_rate)
 
 Each stage runs the same public command a user would; a stage whose workdir is
 already complete is skipped (training resumes), so an interrupted demo continues.
@@ -85,25 +88,36 @@ def main(argv=None):
     cmd += ["--prompt", prompt]
   times["sample"] = run(cmd, log)
 
+  times["diffusion"] = train("diffusion", os.path.join(out, "diffusion"))
+  diff_grid = os.path.join(out, "diffusion_samples.png")
+  cmd = [py, "sample.py", "--method", "diffusion", "--workdir", os.path.join(out, "diffusion"),
+         "--num_images", str(args.num_images), "--seed", "0", "--out", diff_grid]
+  for prompt in PROMPTS:
+    cmd += ["--prompt", prompt]
+  times["diffusion_sample"] = run(cmd, log)
+
   report = {"seconds": {k: round(v, 1) for k, v in times.items()}}
   report.update(score_samples(out))
+  diffusion_scores = score_samples(out, "diffusion_samples")
+  report["diffusion_follow_rate"] = diffusion_scores["follow_rate"]
+  report["diffusion_num_scored"] = diffusion_scores.get("num_scored")
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   print(json.dumps(report, indent=2))
   print(f"\nsample grid: {grid}")
 
 
-def score_samples(out):
-  """Prompt-following rates of the images sample.py wrote beside the grid."""
+def score_samples(out, name="samples"):
+  """Prompt-following rates of the images sample.py wrote beside the grid OUT/NAME.png."""
   from dalle_jax.data import shapes_check
-  meta_path = os.path.join(out, "samples", "samples.json")
+  meta_path = os.path.join(out, name, "samples.json")
   if not os.path.exists(meta_path):
     return {"follow_rate": None, "note": f"{meta_path} not found"}
   with open(meta_path) as f:
     meta = json.load(f)
   images, captions = [], []
   for row in meta["images"]:
-    images.append(np.asarray(Image.open(os.path.join(out, "samples", row["file"])).convert("RGB")))
+    images.append(np.asarray(Image.open(os.path.join(out, name, row["file"])).convert("RGB")))
     captions.append(row["prompt"])
   rates = shapes_check.follow_rates(images, captions)
   return {"follow_rate": rates, "num_scored": len(images)}
