@@ -62,7 +62,8 @@ def _write_karlo(root):
                                              time_embed_dim=32, cross_attention_dim=X), 2)
   decoder = _perturbed(diffusers.UNet2DConditionModel(
       sample_size=SMALL, in_channels=3, out_channels=6, block_out_channels=(8, 16),
-      layers_per_block=1, down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+      layers_per_block=1,
+      down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
       up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
       mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=X,
       class_embed_type="identity", attention_head_dim=8, resnet_time_scale_shift="scale_shift",

@@ -33,7 +33,6 @@ import logging
 import math
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -472,9 +471,10 @@ def unclip_main(argv=None):
     raise SystemExit(f"error: {e}")
   if jax.process_index() != 0:
     return os.path.abspath(args.out)
+  init_noise = os.path.abspath(args.init_noise) if args.init_noise else None
   meta = {"method": "unclip", "model": os.path.abspath(args.checkpoint), "seed": args.seed,
           "num_images": args.num_images,
           "sampling": dict(settings, sampler="unclip", mesh=args.mesh,
-                           init_noise=os.path.abspath(args.init_noise) if args.init_noise else None),
+                           init_noise=init_noise),
           "schedulers": {k: v.to_dict() for k, v in pipe.scheds.items()}}
   return diffusion_sampling.write_samples(args.out, args.prompt, images, meta)
