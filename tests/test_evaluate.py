@@ -281,7 +281,7 @@ def test_sources_reject_bad_inputs_with_one_line(tmp_path):
 
 
 def _random_inception_pth(path):
-  """Random Inception weights (fan-in scaled convs, unit BatchNorm) under pytorch-fid's names."""
+  """Random Inception weights (He-scaled convs, unit BatchNorm) under pytorch-fid's names."""
   import torch  # pylint: disable=g-import-not-at-top
   from dalle_jax.convert import inception as conv  # pylint: disable=g-import-not-at-top
   from tests.test_inception import flax_to_torch  # pylint: disable=g-import-not-at-top
@@ -290,7 +290,7 @@ def _random_inception_pth(path):
   for name, shape in conv.expected_shapes().items():
     leaf = name.rsplit("/", 1)[1]
     if leaf == "kernel":
-      flat[name] = (rng.standard_normal(shape, np.float32) / np.sqrt(np.prod(shape[:-1])))
+      flat[name] = rng.standard_normal(shape, np.float32) * np.sqrt(2 / np.prod(shape[:-1]))
     else:
       flat[name] = np.full(shape, 1.0 if leaf in ("scale", "var") else 0.0, np.float32)
   params = {}
