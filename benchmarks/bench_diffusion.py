@@ -101,16 +101,22 @@ def bench_sampling(batch, steps, scale, reps):
   # Both halves see the same weights; the "unconditional" rows differ only in being a
   # second batch of rows (an unconditional UNet2DModel has no text input): the cost is
   # that of guided sampling.
-  apply2 = lambda x, t: ours.apply(variables, x, t)
+  def batched_fn(v):
+    return guidance.classifier_free_guidance(lambda x, t: ours.apply(v, x, t), scale)
 
-  def two_pass(x, t):
-    # -x for the second pass: the same cost, and XLA cannot merge two identical calls
-    cond, uncond = ours.apply(variables, x, t), ours.apply(variables, -x, t)
-    return uncond + scale * (cond - uncond)
+  def two_pass_fn(v):
+    def fn(x, t):
+      # -x for the second pass: the same cost, and XLA cannot merge two identical calls
+      cond, uncond = ours.apply(v, x, t), ours.apply(v, -x, t)
+      return uncond + scale * (cond - uncond)
+    return fn
 
-  run = lambda fn: jax.jit(lambda x: samplers.sample(fn, cfg, x, sampler="ddim", steps=steps))
-  batched = run(guidance.classifier_free_guidance(apply2, scale))
-  separate = run(two_pass)
+  # the weights are arguments (not constants folded into the program)
+  run = lambda make: jax.jit(lambda v, x: samplers.sample(make(v), cfg, x, sampler="ddim",
+                                                          steps=steps))
+  batched = lambda x: run_b(variables, x)
+  separate = lambda x: run_s(variables, x)
+  run_b, run_s = run(batched_fn), run(two_pass_fn)
 
   def torch_loop():
     ref_sched.set_timesteps(steps)
