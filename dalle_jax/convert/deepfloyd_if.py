@@ -38,7 +38,6 @@ Shapes: B batch, H/W output height/width, h/w low-res height/width, C channels.
 """
 import argparse
 import dataclasses
-import json
 import os
 from typing import Any, Optional
 
@@ -46,13 +45,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dalle_jax.convert import common
 from dalle_jax.convert import diffusers_unet as dconv
 from dalle_jax.convert import hf_t5
 from dalle_jax.convert import karlo
 from dalle_jax.diffusion import cascade
 from dalle_jax.diffusion import schedule as schedule_lib
 
-ConversionError = dconv.ConversionError
+ConversionError = common.ConversionError
 
 STAGE_PIPELINES = {"IFPipeline": "I", "IFImg2ImgPipeline": "I", "IFInpaintingPipeline": "I",
                    "IFSuperResolutionPipeline": "II",
@@ -83,11 +83,7 @@ class IFImport:
 def _read_json(path):
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: not found")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path}: not valid JSON ({e})") from e
+  return common.load_json(path)
 
 
 def read_stage(src):

@@ -22,21 +22,16 @@ unexpected or misshapen fails the import with one line naming the tensors.
 The imported model runs in f32 and reproduces diffusers' output
 (tests/test_unet.py).
 """
-import json
 import os
 
 import numpy as np
+from flax import traverse_util
 
+from dalle_jax.convert import common
 from dalle_jax.models import unet as unet_lib
 
 
-class ConversionError(ValueError):
-  pass
-
-
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors",
-                "diffusion_pytorch_model.safetensors.index.json",
-                "diffusion_pytorch_model.bin")
+ConversionError = common.ConversionError
 
 _DOWN = {"DownBlock2D": ("none", "conv"), "AttnDownBlock2D": ("self", None),
          "ResnetDownsampleBlock2D": ("none", "resnet")}
@@ -47,45 +42,13 @@ _UP = {"UpBlock2D": ("none", "conv"), "AttnUpBlock2D": ("self", None),
 # --- reading --------------------------------------------------------------------
 
 def read_config(src):
-  path = os.path.join(src, "config.json")
-  if not os.path.isfile(path):
-    raise ConversionError(f"{src}: no config.json (not a diffusers model folder)")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path}: not valid JSON ({e})") from e
-  if cfg.get("_class_name") != "UNet2DModel":
-    raise ConversionError(f"{path}: _class_name={cfg.get('_class_name')!r}, expected "
-                          "'UNet2DModel'")
-  return cfg
+  return common.read_diffusers_config(src, ("UNet2DModel",))
 
 
 def read_weights(src):
-  """diffusers tensor name -> float32 numpy array."""
-  st, index, binf = (os.path.join(src, f) for f in WEIGHT_FILES)
-  if os.path.isfile(st) or os.path.isfile(index):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    files = [st]
-    if not os.path.isfile(st):
-      with open(index) as f:
-        files = sorted({os.path.join(src, v) for v in json.load(f)["weight_map"].values()})
-    out = {}
-    for fn in files:
-      try:
-        out.update(load_file(fn))
-      except Exception as e:  # pylint: disable=broad-except
-        raise ConversionError(f"{fn}: unreadable safetensors file ({e})") from e
-  elif os.path.isfile(binf):
-    import torch  # pylint: disable=g-import-not-at-top
-    try:
-      sd = torch.load(binf, map_location="cpu", weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f"{binf}: could not be loaded with weights_only=True ({e})") from e
-    out = {k: v.float().numpy() for k, v in sd.items()}
-  else:
-    raise ConversionError(f"{src}: none of {', '.join(WEIGHT_FILES)}")
-  return {k: np.asarray(v, np.float32) for k, v in out.items()}
+  """diffusers tensor name -> float32 numpy array (safetensors single, sharded or a variant
+  such as diffusion_pytorch_model.fp16.safetensors, or a torch .bin)."""
+  return common.read_weights(src, common.DIFFUSERS_STEMS, dtype=np.float32)
 
 
 def read_scheduler(src):
@@ -94,11 +57,7 @@ def read_scheduler(src):
                os.path.join(os.path.dirname(os.path.abspath(src)), "scheduler",
                             "scheduler_config.json")):
     if os.path.isfile(path):
-      try:
-        with open(path) as f:
-          return json.load(f), path
-      except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from e
+      return common.load_json(path), path
   return None, None
 
 
@@ -258,26 +217,6 @@ def _to_ours(w, shape, path):
   return w if tuple(w.shape) == tuple(shape) else None
 
 
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
-
-
 def expected_shapes(model_cfg):
   """Our parameter path -> shape, from an abstract init (nothing allocated)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
@@ -286,40 +225,23 @@ def expected_shapes(model_cfg):
   x, t, kw = unet_lib.example_inputs(model)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, **kw))
   params = nn.unbox(abstract["params"])
-  return {p: tuple(a.shape) for p, a in _flatten(params).items()}
+  return {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(params).items()}
 
 
 def convert_weights(weights, model_cfg, where="checkpoint"):
   """diffusers state dict -> our {'params': ...}; every name and shape checked."""
   want = expected_shapes(model_cfg)
   n = len(model_cfg["block_channels"])
-  flat, missing, misshapen, used = {}, [], [], set()
-  for path, shape in sorted(want.items()):
+
+  def name_of(path):
     try:
-      name = diffusers_name(path, n)
+      return diffusers_name(path, n)
     except KeyError:
       raise ConversionError(f"{where}: the model's parameter {'/'.join(path)} has no diffusers "
                             "counterpart (a setting diffusers' U-Nets do not have)") from None
-    if name not in weights:
-      missing.append(name)
-      continue
-    used.add(name)
-    y = _to_ours(weights[name], shape, path)
-    if y is None:
-      misshapen.append(f"{name} {tuple(weights[name].shape)} (model expects {'/'.join(path)} "
-                       f"{shape})")
-      continue
-    flat[path] = y.astype(np.float32)
-  unexpected = sorted(set(weights) - used)
-  problems = []
-  for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                      ("shape mismatches", misshapen)):
-    if names:
-      problems.append(f"{what} ({len(names)}): {', '.join(names[:12])}"
-                      + (" ..." if len(names) > 12 else ""))
-  if problems:
-    raise ConversionError(f"{where}: cannot import the diffusers U-Net: " + "; ".join(problems))
-  return {"params": _unflatten(flat)}
+
+  flat = common.assign(weights, want, name_of, _to_ours, where, "the diffusers U-Net")
+  return {"params": traverse_util.unflatten_dict(flat)}
 
 
 def convert_unet2d(src_dir):

@@ -4,7 +4,8 @@
 
 DIR holds `config.json` and `model.safetensors` (or a sharded
 `model.safetensors.index.json`, or `pytorch_model.bin`, loaded with
-`torch.load(weights_only=True)`), plus the tokenizer files, which are copied
+`torch.load(weights_only=True)`, or a variant such as `model.fp16.safetensors`;
+f16 / bf16 tensors are upcast to f32), plus the tokenizer files, which are copied
 to CKPT/tokenizer (config.text.tokenizer = "hf"). Every tensor is checked by
 name and shape against our model; missing or unexpected ones fail the import,
 named. `load_hf_clip(DIR)` does the same in memory, so tools accept a HF
@@ -20,8 +21,10 @@ import os
 import shutil
 
 import jax
-import ml_collections
 import numpy as np
+from flax import traverse_util
+
+from dalle_jax.convert import common
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 IGNORED_SUFFIXES = ("position_ids",)
 
 
-class ConversionError(ValueError):
-  pass
+ConversionError = common.ConversionError
 
 
 def is_hf_clip_dir(path):
@@ -53,11 +55,7 @@ def read_hf_config(src):
   path = os.path.join(src, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"{src}: no config.json (not a Hugging Face model directory)")
-  with open(path) as f:
-    try:
-      cfg = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{path}: not valid JSON ({e})") from e
+  cfg = common.load_json(path)
   if cfg.get("model_type") != "clip":
     raise ConversionError(f"{path}: model_type={cfg.get('model_type')!r}, expected 'clip' "
                           "(a CLIPModel with both towers)")
@@ -68,36 +66,9 @@ def read_hf_config(src):
 
 
 def read_hf_weights(src):
-  """name -> float32 numpy array, from safetensors (single or sharded) or a torch .bin."""
-  st = os.path.join(src, "model.safetensors")
-  index = os.path.join(src, "model.safetensors.index.json")
-  binf = os.path.join(src, "pytorch_model.bin")
-  if os.path.isfile(st) or os.path.isfile(index):
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    files = [st]
-    if not os.path.isfile(st):
-      with open(index) as f:
-        files = sorted({os.path.join(src, v) for v in json.load(f)["weight_map"].values()})
-    out = {}
-    for fn in files:
-      try:
-        tensors = load_file(fn)
-      except Exception as e:  # pylint: disable=broad-except
-        raise ConversionError(f"{fn}: unreadable safetensors file ({e})") from e
-      out.update(tensors)
-  elif os.path.isfile(binf):
-    import torch  # pylint: disable=g-import-not-at-top
-    try:
-      sd = torch.load(binf, map_location="cpu", weights_only=True)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f"{binf}: could not be loaded with weights_only=True ({e})") from e
-    out = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
-  else:
-    raise ConversionError(f"{src}: no model.safetensors, model.safetensors.index.json or "
-                          "pytorch_model.bin")
-  # bf16/f16 exports are upcast: imported models run in f32.
-  return {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" or
-          str(np.asarray(v).dtype) == "bfloat16" else np.asarray(v) for k, v in out.items()}
+  """name -> array of a HF model folder (safetensors single, sharded or a variant, or a torch
+  .bin); floating tensors (f16 / bf16 too) upcast to f32: imported models run in f32."""
+  return common.read_weights(src, common.HF_STEMS, dtype=np.float32)
 
 
 # --- config ---------------------------------------------------------------------
@@ -237,28 +208,6 @@ def conversion_rules(config):
   return rules
 
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, dict):
-      out.update(_flatten(v, path))
-    else:
-      out[path] = v
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
-
-
 def expected_shapes(config):
   """Our parameter path -> shape, from an abstract init (no allocation)."""
   from dalle_jax.models import clip as clip_lib  # pylint: disable=g-import-not-at-top
@@ -266,52 +215,22 @@ def expected_shapes(config):
   model = clip_lib.build_model(config)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *clip_lib.dummy_inputs(config)))
   params = nn.unbox(abstract["params"])
-  flat = _flatten(jax.tree.map(lambda a: tuple(a.shape), params,
-                               is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
-  return flat
+  return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 def convert_weights(hf_weights, config, where="checkpoint"):
   """HF state dict -> our {'params': ...}; every name and shape checked."""
   expected = expected_shapes(config)
   rules = conversion_rules(config)
-  flat, missing, bad_shape = {}, [], []
-  used = set()
-  for hf_name, ours, fn in rules:
-    if hf_name not in hf_weights:
-      missing.append(hf_name)
-      continue
-    used.add(hf_name)
-    x = hf_weights[hf_name]
-    try:
-      y = np.asarray(fn(x) if fn is not None else x, np.float32)
-    except ValueError as e:
-      bad_shape.append(f"{hf_name} {tuple(x.shape)} (cannot map onto {ours}: {e})")
-      continue
-    want = expected.get(ours)
-    if want is None:
-      raise ConversionError(f"internal: rule targets unknown parameter {ours}")
-    if tuple(y.shape) != tuple(want):
-      bad_shape.append(f"{hf_name} {tuple(x.shape)} -> {ours} {tuple(y.shape)}, model expects {want}")
-      continue
-    flat[ours] = y
+  flat, missing, bad_shape, used = common.apply_rules(hf_weights, rules, expected)
   unexpected = sorted(k for k in hf_weights
                       if k not in used and not k.endswith(IGNORED_SUFFIXES))
   not_filled = sorted(set(expected) - set(flat) - {o for _, o, _ in rules})
-  problems = []
-  if missing:
-    problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"
-                    + (" ..." if len(missing) > 20 else ""))
-  if unexpected:
-    problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                    + (" ..." if len(unexpected) > 20 else ""))
-  if bad_shape:
-    problems.append("shape mismatches: " + "; ".join(bad_shape[:20]))
+  problems = common.tensor_problems(missing, unexpected, bad_shape)
   if not_filled:
     problems.append(f"model parameters with no source tensor: {', '.join(not_filled)}")
-  if problems:
-    raise ConversionError(f"{where}: cannot import as CLIP:\n  " + "\n  ".join(problems))
-  return {"params": _unflatten(flat)}
+  common.raise_problems(where, "as CLIP", problems)
+  return {"params": traverse_util.unflatten_dict(flat, sep="/")}
 
 
 def load_hf_clip(src):

@@ -26,19 +26,17 @@ import argparse
 import json
 import logging
 import os
-import re
 import shutil
-import struct
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dalle_jax.convert.hf_clip import ConversionError
+from dalle_jax.convert import common
 from dalle_jax.models import t5 as t5_lib
 
 log = logging.getLogger(__name__)
+ConversionError = common.ConversionError
 
 MODEL_TYPES = ("t5", "mt5", "umt5")  # umt5: a relative position bias in every layer
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json",
@@ -91,11 +89,7 @@ def is_hf_t5_dir(path):
 
 def read_hf_config(model_dir):
   path = os.path.join(model_dir, "config.json")
-  with open(path) as f:
-    try:
-      cfg = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{path}: not valid JSON ({e})") from e
+  cfg = common.load_json(path)
   if cfg.get("model_type") not in MODEL_TYPES:
     raise ConversionError(f"{path}: model_type={cfg.get('model_type')!r}, expected one of "
                           f"{', '.join(MODEL_TYPES)}")
@@ -127,79 +121,9 @@ def config_from_hf(hf, tokenizer_dir=None):
 
 # --- reading weights ----------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": jnp.bfloat16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def read_safetensors(path):
-  """name -> array of a .safetensors file, memory-mapped (any dtype, bf16 included;
-  converted to f32 one tensor at a time by `convert_weights`)."""
-  try:
-    with open(path, "rb") as f:
-      n = struct.unpack("<Q", f.read(8))[0]
-      header = json.loads(f.read(n))
-    data = np.memmap(path, np.uint8, "r", offset=8 + n)
-  except (OSError, ValueError, struct.error) as e:
-    raise ConversionError(f"{path}: unreadable safetensors file ({e})") from e
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-    if dtype is None:
-      raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-    start, end = info["data_offsets"]
-    out[name] = data[start:end].view(dtype).reshape(info["shape"])
-  return out
-
-
-def _read_torch_bin(path):
-  import torch  # pylint: disable=g-import-not-at-top
-  try:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConversionError(f"{path}: could not be loaded with weights_only=True ({e})") from e
-  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in sd.items()}
-
-
-def weight_files(model_dir):
-  """The weight files of a model folder, preferring safetensors, then unsuffixed
-  (full-precision) files over variants; a sharded index gives its shards."""
-  names = set(os.listdir(model_dir))
-
-  def shards(index):
-    with open(os.path.join(model_dir, index)) as f:
-      try:
-        return sorted(set(json.load(f)["weight_map"].values()))
-      except (ValueError, KeyError) as e:
-        raise ConversionError(f"{model_dir}/{index}: not a weight index ({e})") from e
-
-  for fmt, stem in (("safetensors", "model"), ("bin", "pytorch_model")):
-    if f"{stem}.{fmt}" in names:
-      return [f"{stem}.{fmt}"]
-    if f"{stem}.{fmt}.index.json" in names:
-      return shards(f"{stem}.{fmt}.index.json")
-    variants = sorted(n for n in names if re.fullmatch(rf"{stem}\.\w+\.{fmt}", n) or
-                      re.fullmatch(rf"{stem}\.{fmt}\.index\.\w+\.json", n))
-    if variants:
-      if len(variants) > 1:
-        log.info("%s: several weight variants %s; reading %s", model_dir, variants, variants[0])
-      return shards(variants[0]) if variants[0].endswith(".json") else [variants[0]]
-  raise ConversionError(f"{model_dir}: no model.safetensors, model.safetensors.index.json, "
-                        "pytorch_model.bin (or its index), nor a variant such as "
-                        "model.fp16.safetensors")
-
-
 def read_weights(model_dir):
   """name -> array (original dtype; safetensors memory-mapped) of a model folder."""
-  out = {}
-  for name in weight_files(model_dir):
-    path = os.path.join(model_dir, name)
-    if not os.path.isfile(path):
-      raise ConversionError(f"{path}: listed in the weight index but missing")
-    out.update(read_safetensors(path) if name.endswith(".safetensors") else _read_torch_bin(path))
-  return out
+  return common.read_weights(model_dir, common.HF_STEMS)
 
 
 # --- weights --------------------------------------------------------------------
@@ -262,48 +186,22 @@ def convert_weights(hf_weights, config, where="checkpoint"):
   19 GB in f32: it is not held twice).
   """
   expected = expected_shapes(config)
-  flat, missing, bad_shape, problems = {}, [], [], []
+  problems = []
   emb, emb_names = _embedding(hf_weights, problems)
   rules = [(emb_names[0] if emb_names else "shared.weight", "token_embed/embedding", None)]
   rules += conversion_rules(config)
-  used = set(emb_names)
-  for hf_name, ours, fn in rules:
-    if hf_name not in hf_weights:
-      missing.append(hf_name)
-      continue
-    used.add(hf_name)
-    x = hf_weights[hf_name]
-    try:
-      y = np.asarray(fn(x) if fn is not None else x, np.float32)
-    except ValueError as e:
-      bad_shape.append(f"{hf_name} {tuple(x.shape)} (cannot map onto {ours}: {e})")
-      continue
-    want = expected.get(ours)
-    if want is None:
-      raise ConversionError(f"internal: rule targets unknown parameter {ours}")
-    if tuple(y.shape) != want:
-      bad_shape.append(f"{hf_name} {tuple(x.shape)} -> {ours} {tuple(y.shape)}, model expects {want}")
-      continue
-    flat[ours] = y
-    if hf_name not in emb_names:
-      del hf_weights[hf_name]
+  flat, missing, bad_shape, used = common.apply_rules(hf_weights, rules, expected, consume=True,
+                                                      keep=emb_names)
+  used.update(emb_names)
   del emb
   skipped = [k for k in hf_weights if k.startswith(SKIPPED_PREFIXES)]
   unexpected = sorted(k for k in hf_weights if k not in used and k not in skipped
                       and not k.endswith(IGNORED_SUFFIXES))
   not_filled = sorted(set(expected) - set(flat) - {o for _, o, _ in rules})
-  if missing:
-    problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:20])}"
-                    + (" ..." if len(missing) > 20 else ""))
-  if unexpected:
-    problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:20])}"
-                    + (" ..." if len(unexpected) > 20 else ""))
-  if bad_shape:
-    problems.append("shape mismatches: " + "; ".join(bad_shape[:20]))
+  problems += common.tensor_problems(missing, unexpected, bad_shape)
   if not_filled:
     problems.append(f"model parameters with no source tensor: {', '.join(not_filled)}")
-  if problems:
-    raise ConversionError(f"{where}: cannot import as a T5 encoder:\n  " + "\n  ".join(problems))
+  common.raise_problems(where, "as a T5 encoder", problems)
   if skipped:
     log.info("%s: skipped %d decoder / LM-head tensors (only the encoder is imported)",
              where, len(skipped))

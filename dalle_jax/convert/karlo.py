@@ -28,19 +28,20 @@ Reference behaviour (diffusers' UnCLIPPipeline) the imported modules reproduce:
 
 Shapes: E CLIP embedding width, N extra context tokens, X context width.
 """
-import json
 import os
 
 import flax.linen as nn
 import jax
 import numpy as np
+from flax import traverse_util
 
+from dalle_jax.convert import common
 from dalle_jax.convert import diffusers_unet as dconv
 from dalle_jax.models import prior as prior_lib
 from dalle_jax.models import unclip as unclip_lib
 from dalle_jax.models import unet as unet_lib
 
-ConversionError = dconv.ConversionError
+ConversionError = common.ConversionError
 
 COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
 SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
@@ -51,39 +52,8 @@ VARIATION_OPTIONAL = ("prior", "prior_scheduler")
 
 # --- reading ----------------------------------------------------------------------
 
-def read_config(src, class_names):
-  path = os.path.join(src, "config.json")
-  if not os.path.isfile(path):
-    raise ConversionError(f"{src}: no config.json (not a diffusers model folder)")
-  try:
-    with open(path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{path}: not valid JSON ({e})") from e
-  if cfg.get("_class_name") not in class_names:
-    raise ConversionError(f"{path}: _class_name={cfg.get('_class_name')!r}, expected "
-                          f"{' or '.join(map(repr, class_names))}")
-  return cfg
-
-
-def _flatten(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat):
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = v
-  return tree
+read_config = common.read_diffusers_config
+_unflatten = traverse_util.unflatten_dict
 
 
 def _linear(w, shape, path):
@@ -111,34 +81,12 @@ def _linear(w, shape, path):
 
 def _assign(weights, want, name_of, where, what, fit=_linear):
   """Our path -> array for every expected path; one error naming every problem."""
-  flat, missing, misshapen, used = {}, [], [], set()
-  for path, shape in sorted(want.items()):
-    name = name_of(path)
-    if name not in weights:
-      missing.append(name)
-      continue
-    used.add(name)
-    y = fit(np.asarray(weights[name], np.float32), shape, path)
-    if y is None:
-      misshapen.append(f"{name} {tuple(weights[name].shape)} (model expects {'/'.join(path)} "
-                       f"{tuple(shape)})")
-      continue
-    flat[path] = np.asarray(y, np.float32)
-  unexpected = sorted(set(weights) - used)
-  problems = []
-  for kind, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                      ("shape mismatches", misshapen)):
-    if names:
-      problems.append(f"{kind} ({len(names)}): {', '.join(names[:12])}"
-                      + (" ..." if len(names) > 12 else ""))
-  if problems:
-    raise ConversionError(f"{where}: cannot import the {what}: " + "; ".join(problems))
-  return flat
+  return common.assign(weights, want, name_of, fit, where, f"the {what}")
 
 
 def param_shapes(tree):
   """A (boxed or abstract) variable tree -> {path tuple: shape}."""
-  return {p: tuple(a.shape) for p, a in _flatten(nn.unbox(tree)).items()}
+  return {p: tuple(a.shape) for p, a in traverse_util.flatten_dict(nn.unbox(tree)).items()}
 
 
 # --- prior ------------------------------------------------------------------------
@@ -412,11 +360,7 @@ def read_scheduler_config(path):
   cfg_path = os.path.join(path, "scheduler_config.json")
   if not os.path.isfile(cfg_path):
     raise ConversionError(f"{path}: no scheduler_config.json")
-  try:
-    with open(cfg_path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from e
+  return common.load_json(cfg_path)
 
 
 def convert_karlo(src):

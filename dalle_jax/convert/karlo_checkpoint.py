@@ -31,7 +31,9 @@ import shutil
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
+from dalle_jax.convert import common
 from dalle_jax.convert import hf_clip
 from dalle_jax.convert import karlo
 from dalle_jax.diffusion import schedule as schedule_lib
@@ -52,11 +54,7 @@ def text_encoder_config(src):
   path = os.path.join(src, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"{src}: no config.json (not a Hugging Face model folder)")
-  with open(path) as f:
-    try:
-      tc = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{path}: not valid JSON ({e})") from e
+  tc = common.load_json(path)
   if tc.get("model_type") != "clip_text_model":
     raise ConversionError(f"{path}: model_type={tc.get('model_type')!r}, expected "
                           "'clip_text_model' (CLIPTextModelWithProjection)")
@@ -85,36 +83,12 @@ def convert_text_encoder(src):
               if k.startswith("text/")}
   rules = [(h, o[len("text/"):], fn) for h, o, fn in hf_clip.conversion_rules(clip_cfg)
            if o.startswith("text/")]
-  flat, missing, bad = {}, [], []
-  for name, ours, fn in rules:
-    if name not in weights:
-      missing.append(name)
-      continue
-    try:
-      y = np.asarray(fn(weights[name]) if fn is not None else weights[name], np.float32)
-    except ValueError:
-      y = None
-    if y is None or tuple(y.shape) != tuple(expected[ours]):
-      bad.append(f"{name} {tuple(np.shape(weights[name]))} (model expects {ours} "
-                 f"{tuple(expected[ours])})")
-      continue
-    flat[ours] = y
-  used = {h for h, _, _ in rules}
+  flat, missing, bad, used = common.apply_rules(weights, rules, expected)
   unexpected = sorted(k for k in weights if k not in used
                       and not k.endswith(hf_clip.IGNORED_SUFFIXES))
-  problems = [f"{kind} ({len(v)}): {', '.join(v[:12])}" for kind, v in
-              (("missing tensors", missing), ("unexpected tensors", unexpected),
-               ("shape mismatches", bad)) if v]
-  if problems:
-    raise ConversionError(f"{src}: cannot import the CLIP text encoder: " + "; ".join(problems))
-  tree = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return kwargs, tree
+  common.raise_problems(src, "the CLIP text encoder",
+                        common.tensor_problems(missing, unexpected, bad))
+  return kwargs, traverse_util.unflatten_dict(flat, sep="/")
 
 
 # --- the whole folder ---------------------------------------------------------------
