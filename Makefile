@@ -3,7 +3,7 @@ PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: demo test bench venv ref-env clean
+.PHONY: demo test test-all bench venv ref-env clean
 
 $(VENV_STAMP): setup.py
 	python3 -m venv .venv
@@ -22,9 +22,13 @@ $(REF_STAMP): tests/reference_env.py
 
 ref-env: $(REF_STAMP)
 
-# Tests run on 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS).
+# Tests run on 8 fake CPU devices (tests/conftest.py sets XLA_FLAGS), two pytest workers;
+# `test` leaves out the tests marked slow (whole multi-run trainings), `test-all` runs them.
 test: $(VENV_STAMP) ref-env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+test-all: $(VENV_STAMP) ref-env
+	$(PY) -m pytest -q -n 2 tests
 
 demo: $(VENV_STAMP)
 	$(PY) -m dalle_jax.tools.demo --out demo

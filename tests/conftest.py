@@ -19,3 +19,9 @@ def pytest_sessionstart(session):
   import jax
   assert jax.device_count() == 8, (
       f"tests expect 8 fake CPU devices, got {jax.device_count()} (XLA_FLAGS={os.environ.get('XLA_FLAGS')!r})")
+
+
+def pytest_configure(config):
+  # `make test` (CI) skips these: each trains a model through several full runs on 8 fake
+  # devices (minutes on 2 cores). `make test-all` runs them.
+  config.addinivalue_line("markers", "slow: heavy end-to-end training check, run by make test-all")

@@ -116,6 +116,7 @@ def _losses(workdir):
   return {r["step"]: r for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 def test_trains_sharded_resumes_exactly_and_loss_falls(tmp_path):
   from dalle_jax.train import loop
   config = tiny_config(tmp_path)

@@ -229,6 +229,7 @@ def test_adaptive_weight_and_gradient_separation():
   assert set(jax.tree.leaves(labels["vqgan"])) == {"generator"}
 
 
+@pytest.mark.slow
 def test_gan_trains_through_the_trainer(tmp_path):
   """disc_weight > 0: two optimizer groups in one step. The discriminator stays
   put until disc_start (zero gradients), then both groups update and the
