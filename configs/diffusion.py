@@ -175,6 +175,8 @@ def get_config(arg=None):
     c.optimizer = common.optimizer_config("adamw", lr=2e-3)
     c.optimizer.warmup_steps = 50
     c.sampling = sampling_config(guidance_scale=3.0, steps=25)
+    # Measured at 300 steps: DDIM at eta 0 and DPM-Solver++ give noise, eta 1 / DDPM clean images.
+    c.sampling.eta = 1.0
   elif name == "ddpm_cifar10":
     image_size.set(32)
     c.model.conditioning = "none"
