@@ -138,7 +138,7 @@ def test_sample_cli_sharded_mesh_matches_one_device(checkpoint, tmp_path):
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "mesh.png")),
                                 np.asarray(Image.open(tmp_path / "one.png")))
   # Pipeline.load(mesh=) reads each parameter straight into its shards
-  mesh = generate._mesh_from_flag("2,2,2")
+  mesh = generate.mesh_from_flag("2,2,2")
   pipe = generate.Pipeline.load(str(checkpoint / "ar"), mesh=mesh)
   one = generate.Pipeline.load(str(checkpoint / "ar"))
   head = pipe.params["image_head"]["kernel"]
@@ -321,7 +321,7 @@ def test_scanned_sparse_dalle_trains_previews_and_samples_on_8_devices(checkpoin
   assert saved["scan_layers"] and saved["model"]["attention"] == "sparse"
   images = _sample_greedy(tmp_path / "paper", tmp_path / "mesh.png", "--mesh", "1,4,2")
   assert images.shape[0] > 2 * 32 and images.shape[1] > 2 * 32
-  mesh = generate._mesh_from_flag("1,4,2")
+  mesh = generate.mesh_from_flag("1,4,2")
   pipe = generate.Pipeline.load(str(tmp_path / "paper"), mesh=mesh)  # scanned, into shards
   _, variables = ckpt.load_model(str(tmp_path / "paper"))
   stacked = variables["params"]["layers"]["layers"]["block"]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from configs import diffusion as diffusion_cfg
 from dalle_jax.sampling import diffusion as sampling
+from dalle_jax.sampling import generate
 from dalle_jax.tasks import diffusion as diffusion_task
 from dalle_jax.data.images import to_uint8
 
@@ -127,7 +128,7 @@ def test_sharded_mesh_matches_one_device(checkpoint):
   # DDIM with the checkpoint's clipping keeps the random model's x0 in [-1, 1]
   kw = dict(sampler="ddim", steps=4, guidance_scale=3.0, init_noise=x_T, return_float=True)
   one = sampling.Pipeline.load(checkpoint).generate(CAPTIONS[:2], 2, **kw)
-  mesh = sampling.mesh_from_flag("2,2,2")
+  mesh = generate.mesh_from_flag("2,2,2")
   pipe = sampling.Pipeline.load(checkpoint, mesh=mesh)
   kernel = pipe.params["unet"]["conv_in"]["kernel"]
   assert len(kernel.sharding.device_set) == 8

@@ -274,34 +274,6 @@ def _parser():
   return p
 
 
-def mesh_from_flag(flag):
-  """--mesh DATA,FSDP,TENSOR -> Mesh (None when unset); the AR sampler's parsing."""
-  return generate._mesh_from_flag(flag)  # pylint: disable=protected-access
-
-
-def write_samples(out, prompts, images, settings, scores=None):
-  """The AR path's output contract: grid PNG, OUT_STEM/pXX_YYY.png, OUT_STEM/samples.json."""
-  import json  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  out = os.path.abspath(out)
-  stem = os.path.splitext(out)[0]
-  os.makedirs(stem, exist_ok=True)
-  rows = []
-  for p, prompt in enumerate(prompts):
-    for i, img in enumerate(images[p]):
-      name = f"p{p:02d}_{i:03d}.png"
-      Image.fromarray(img).save(os.path.join(stem, name))
-      rows.append({"file": name, "prompt": prompt, "prompt_index": p, "sample": i})
-      if scores is not None:
-        rows[-1]["clip_score"] = float(scores[p][i])
-  with open(os.path.join(stem, "samples.json"), "w") as f:
-    json.dump(dict(settings, images=rows), f, indent=2)
-  n = images.shape[1]
-  Image.fromarray(images_lib.image_grid(images.reshape((-1,) + images.shape[2:]), ncols=n)).save(out)
-  print(f"wrote {out} ({len(prompts)} prompts x {n} images) and {len(rows)} images in {stem}/")
-  return out
-
-
 def diffusion_main(argv=None):
   from dalle_jax import cli  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
@@ -326,7 +298,7 @@ def diffusion_main(argv=None):
       init_noise = np.load(args.init_noise)
     cli.enable_compilation_cache()
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    pipe = Pipeline.load(args.workdir or args.checkpoint, mesh=mesh_from_flag(args.mesh))
+    pipe = Pipeline.load(args.workdir or args.checkpoint, mesh=generate.mesh_from_flag(args.mesh))
     s = pipe.config.get("sampling") or {}
     guidance = args.guidance_scale if args.guidance_scale is not None else float(
         s.get("guidance_scale", 1.0))
@@ -359,4 +331,4 @@ def diffusion_main(argv=None):
                    "mesh": args.mesh, "rerank_with": args.rerank_with, "rerank_top": args.rerank_top},
       "scheduler": sched.to_dict(),
   }
-  return write_samples(args.out, prompts, images, settings, scores)
+  return generate.write_samples(args.out, prompts, images, settings, scores)

@@ -231,7 +231,8 @@ def _mesh_sizes(flag):
   return sizes
 
 
-def _mesh_from_flag(flag):
+def mesh_from_flag(flag):
+  """--mesh DATA,FSDP,TENSOR -> Mesh (None when unset); shared by every sampling CLI."""
   if not flag:
     return None
   sizes = _mesh_sizes(flag)
@@ -326,7 +327,7 @@ def sample_main(argv=None):
   cli.enable_compilation_cache()
   parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
   try:
-    mesh = _mesh_from_flag(args.mesh)
+    mesh = mesh_from_flag(args.mesh)
     pipe = Pipeline.load(args.workdir or args.checkpoint, vqgan_path=vq_path, mesh=mesh)
     s = pipe.config.get("sampling") or {}
     pick = lambda v, k, d: v if v is not None else s.get(k, d)
@@ -347,6 +348,16 @@ def sample_main(argv=None):
   out = os.path.abspath(args.out)
   if jax.process_index() != 0:  # every process holds all the images; one writes them
     return out
+  return write_samples(out, prompts, images, {"seed": args.seed, "sampling": sp.__dict__}, scores)
+
+
+def write_samples(out, prompts, images, settings, scores=None):
+  """Every method's output contract: the grid PNG OUT (one row per prompt), the images as
+  OUT_STEM/pXX_YYY.png and OUT_STEM/samples.json (settings + one row per image).
+
+  images: uint8 (P, N, H, W, 3); scores: optional (P, N) CLIP scores.
+  """
+  out = os.path.abspath(out)
   stem = os.path.splitext(out)[0]
   os.makedirs(stem, exist_ok=True)
   rows = []
@@ -356,9 +367,9 @@ def sample_main(argv=None):
       Image.fromarray(img).save(os.path.join(stem, name))
       rows.append({"file": name, "prompt": prompt, "prompt_index": p, "sample": i})
       if scores is not None:
-        rows[-1]["clip_score"] = float(scores[p, i])
+        rows[-1]["clip_score"] = float(scores[p][i])
   with open(os.path.join(stem, "samples.json"), "w") as f:
-    json.dump({"images": rows, "seed": args.seed, "sampling": sp.__dict__}, f, indent=2)
+    json.dump(dict(settings, images=rows), f, indent=2)
   n = images.shape[1]
   Image.fromarray(images_lib.image_grid(images.reshape((-1,) + images.shape[2:]), ncols=n)).save(out)
   print(f"wrote {out} ({len(prompts)} prompts x {n} images) and {len(rows)} images in {stem}/")

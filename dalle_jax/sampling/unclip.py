@@ -49,6 +49,7 @@ from dalle_jax.models import prior as prior_lib
 from dalle_jax.models import unclip as unclip_lib
 from dalle_jax.models import unet as unet_lib
 from dalle_jax.sampling import diffusion as diffusion_sampling
+from dalle_jax.sampling import generate
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def unclip_main(argv=None):
       raise SamplingError(f"--checkpoint {args.checkpoint}: no config.json there")
     cli.enable_compilation_cache()
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    pipe = UnclipPipeline.load(args.checkpoint, mesh=diffusion_sampling.mesh_from_flag(args.mesh))
+    pipe = UnclipPipeline.load(args.checkpoint, mesh=generate.mesh_from_flag(args.mesh))
     s = dict(pipe.config.get("sampling") or {})
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else s.get(flag)
     settings = {k: pick(k) for k in ("prior_steps", "decoder_steps", "sr_steps",
@@ -477,4 +478,4 @@ def unclip_main(argv=None):
           "sampling": dict(settings, sampler="unclip", mesh=args.mesh,
                            init_noise=init_noise),
           "schedulers": {k: v.to_dict() for k, v in pipe.scheds.items()}}
-  return diffusion_sampling.write_samples(args.out, args.prompt, images, meta)
+  return generate.write_samples(args.out, args.prompt, images, meta)
