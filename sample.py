@@ -25,6 +25,17 @@ Diffusion (GLIDE-style text->image, or an imported diffusers U-Net):
   (--unconditional and no --prompt for an unconditional model; the checkpoint's
   scheduler settings are used unless a flag overrides them)
 
+Cascade (Imagen-style base -> super-resolution stages; trained with configs/imagen.py,
+or DeepFloyd IF imported with `python -m dalle_jax.tools.convert deepfloyd_if`):
+  python sample.py --method cascade --stages W1,W2[,W3] --prompt "..." --num_images N \
+      --seed S [--steps 50,25 --sampler ddim,ddpm --guidance_scale 7,4 --eta 0,0 \
+      --noise_level 250] [--thresholding dynamic --threshold_percentile P] [--mesh D,F,T] \
+      --out grid.png
+  (per-stage flags take one value for every stage or a comma list with one per stage,
+  --noise_level one per SR stage; defaults come from each stage's config; dynamic
+  thresholding in every stage unless --thresholding says otherwise; writes the final
+  grid and images, and each stage's under OUT_STEM/stageK/)
+
 unCLIP (DALL·E 2; Karlo imported with `python -m dalle_jax.tools.convert karlo`):
   python sample.py --method unclip --checkpoint C --prompt "..." --num_images N --seed S \
       [--prior_steps 25 --decoder_steps 25 --sr_steps 7 --prior_guidance_scale 4 \
@@ -36,11 +47,15 @@ import sys
 
 def main(argv):
   pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--method", default="ar", choices=["ar", "vqgan_clip", "diffusion", "unclip"])
+  pre.add_argument("--method", default="ar", choices=["ar", "vqgan_clip", "diffusion", "cascade",
+                                                      "unclip"])
   known, rest = pre.parse_known_args(argv)
   if known.method == "diffusion":
     from dalle_jax.sampling.diffusion import diffusion_main
     return diffusion_main(rest)
+  if known.method == "cascade":
+    from dalle_jax.sampling.cascade import cascade_main
+    return cascade_main(rest)
   if known.method == "unclip":
     from dalle_jax.sampling.unclip import unclip_main
     return unclip_main(rest)

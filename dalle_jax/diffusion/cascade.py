@@ -12,14 +12,30 @@ Blur augmentation (unCLIP's upsamplers): a separable Gaussian blur of the
 conditioning image, its sigma drawn per example in training. `upsample_bicubic`
 is unCLIP's resize of the low-res image to the stage's size.
 
-Shapes: B batch, H height, W width, C channels, K blur taps.
+`LowResConditioning` puts these together for a stage trained here: the full-size
+image is downsampled to the stage's input size (`downsample`, antialiased
+bicubic), blurred (training only, when switched on), upsampled back (bicubic),
+and noised at a random level in training or at a fixed level when sampling.
+
+Shapes: B batch, H height, W width, C channels, K blur taps, h/w low-res size.
 """
+import dataclasses
+from typing import Tuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax.diffusion import gaussian
 from dalle_jax.diffusion.schedule import SchedulerConfig
+
+def downsample(x_bhwc, size):
+  """The stage's low-res input from a full-size image: an antialiased bicubic resize (the
+  a = -0.5 cubic stretched over the reduction, as PIL's BICUBIC resize of a dataset image)."""
+  h, w = (size, size) if isinstance(size, int) else size
+  shape = (x_bhwc.shape[0], h, w, x_bhwc.shape[-1])
+  return jax.image.resize(x_bhwc.astype(jnp.float32), shape, "bicubic", antialias=True)
+
 
 def upsample_bicubic(x_bhwc, size):
   """unCLIP's (Karlo's) low-res upsampling: torch's interpolate(mode="bicubic", align_corners=False,
@@ -103,3 +119,53 @@ def random_blur(rng, x_bhwc, sigma_range=(0.4, 0.6), size=3):
     raise ValueError(f"blur sigma_range must satisfy 0 < low <= high, got {sigma_range}")
   sigma = jax.random.uniform(rng, (x_bhwc.shape[0],), jnp.float32, lo, hi)
   return gaussian_blur(x_bhwc, sigma, size)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowResConditioning:
+  """What a super-resolution stage trained here is conditioned on (config.cascade).
+
+  low_res_size: the stage's input size h (its output size H comes with the image).
+  noise: the augmentation (None = the clean upsampled image, level 0).
+  blur: blur the low-res image in training (unCLIP), sigma ~ U[blur_sigma), blur_size taps.
+  """
+  low_res_size: int
+  noise: "NoiseAugmentation | None" = None
+  blur: bool = False
+  blur_sigma: Tuple[float, float] = (0.4, 0.6)
+  blur_size: int = 3
+
+  def low_res(self, x_bhwc):
+    """Full-size images -> the stage's (B, h, h, C) input."""
+    if x_bhwc.shape[1] < self.low_res_size or x_bhwc.shape[2] < self.low_res_size:
+      raise ValueError(f"image {x_bhwc.shape[1:3]} is smaller than the stage's low-res input "
+                       f"size {self.low_res_size}")
+    return downsample(x_bhwc, self.low_res_size)
+
+  def _check(self, low_res_bhwc):
+    if tuple(low_res_bhwc.shape[1:3]) != (self.low_res_size,) * 2:
+      raise ValueError(f"low-res image of size {tuple(low_res_bhwc.shape[1:3])}; this stage "
+                       f"takes {self.low_res_size}x{self.low_res_size} (model.low_res_size)")
+
+  def train(self, rng, x_bhwc):
+    """Training: full-size x -> (conditioning image (B, H, W, C), level (B,) int32), the
+    level drawn per example (0 without noise augmentation)."""
+    k_blur, k_noise = jax.random.split(rng)
+    lr = self.low_res(x_bhwc)
+    if self.blur:
+      lr = random_blur(k_blur, lr, tuple(self.blur_sigma), self.blur_size)
+    up = upsample_bicubic(lr, x_bhwc.shape[1:3])
+    if self.noise is None:
+      return up, jnp.zeros((x_bhwc.shape[0],), jnp.int32)
+    return self.noise.random(k_noise, up)
+
+  def sample(self, low_res_bhwc, size, level, noise_bhwc):
+    """Sampling: the previous stage's (B, h, h, C) output -> (conditioning image at size,
+    level (B,) int32) at the fixed `level` (ignored without noise augmentation)."""
+    self._check(low_res_bhwc)
+    up = upsample_bicubic(low_res_bhwc, size)
+    if self.noise is None:
+      return up, jnp.zeros((up.shape[0],), jnp.int32)
+    if noise_bhwc.shape != up.shape:
+      raise ValueError(f"noise of shape {noise_bhwc.shape}; the upsampled image is {up.shape}")
+    return self.noise.at_level(up, level, noise_bhwc)

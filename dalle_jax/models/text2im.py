@@ -94,12 +94,16 @@ class Text2Im(nn.Module):
       states_btd, pooled_be = self.text(cond["text_ids"], mask_bt)
     return dict(context=states_btd, context_mask=mask_bt, embeds={"text": pooled_be})
 
-  def denoise(self, x_bhwc, t_b, context=None, context_mask=None, embeds=None, train=False):
+  def denoise(self, x_bhwc, t_b, context=None, context_mask=None, embeds=None, train=False,
+              low_res=None):
+    """low_res: a super-resolution stage's conditioning image (B, h, w, C)."""
     return self.unet(x_bhwc, t_b, context_bsd=context, context_mask_bs=context_mask,
-                     embeds=embeds or {}, low_res_bhwc=None, train=train)
+                     embeds=embeds or {}, low_res_bhwc=low_res, train=train)
 
-  def __call__(self, x_bhwc, t_b, cond, train=False):
-    return self.denoise(x_bhwc, t_b, **self.encode(cond), train=train)
+  def __call__(self, x_bhwc, t_b, cond, train=False, low_res=None, embeds=None):
+    enc = self.encode(cond)
+    enc["embeds"] = dict(enc["embeds"], **(embeds or {}))
+    return self.denoise(x_bhwc, t_b, **enc, train=train, low_res=low_res)
 
 
 def unet_kwargs(config, text_width=None):

@@ -3,8 +3,20 @@
 The model (dalle_jax/models/text2im.py) is a U-Net conditioned on the project's own
 trainable text transformer, on a frozen CLIP text tower (`config.text_encoder.clip`
 = a CLIP workdir or imported checkpoint; its token states and embedding are
-computed inside the step with the CLIP parameters held fixed), on a class label,
-or on nothing (`config.model.conditioning` = text | class | none).
+computed inside the step with the CLIP parameters held fixed), on a frozen T5's
+token states computed outside (`config.text_encoder.t5` = its checkpoint; the
+batch carries `text_states` + `text_mask`, as an imported DeepFloyd IF stage), on
+a class label, or on nothing (`config.model.conditioning` = text | class | none).
+
+Super-resolution stage (Imagen / IF stage II / unCLIP's upsamplers) when
+`config.model.low_res_size` > 0: the U-Net also sees a low-resolution version of
+the image, made inside the step from the batch's full-size image (no other data
+format): downsampled to low_res_size, optionally blurred (`config.cascade.blur`),
+upsampled back bicubically and noised at a random level of the augmentation
+schedule (noise-conditioning augmentation, `config.cascade.max_noise_level` > 0);
+the level is the U-Net's extra embedding `config.cascade.level_embed`
+(dalle_jax/diffusion/cascade.py: LowResConditioning). At sampling the level is
+fixed (`config.cascade.noise_level` or the caller's).
 
 Objective (dalle_jax/diffusion/gaussian.py): for x0 from the data, t ~ U{0..T-1},
 ε ~ N(0, I): the U-Net's prediction (ε, x0 or v, `config.diffusion.prediction_type`)
@@ -16,7 +28,8 @@ unconditional model classifier-free guidance needs.
 
 Metrics: loss, and loss by quarter of the timestep range (loss_t0 = t < T/4 ...
 loss_t3 = t >= 3T/4). Preview: a grid of guided DDIM samples for the fixed
-captions in `config.sampling.prompts`.
+captions in `config.sampling.prompts`; for a super-resolution stage, rows of
+(bicubic upsampling, sample, original) for the eval batch's first images.
 """
 import dataclasses
 import logging
@@ -27,6 +40,8 @@ import numpy as np
 
 from dalle_jax import parallel
 from dalle_jax.data import images as images_lib
+from dalle_jax.data import pipeline
+from dalle_jax.diffusion import cascade as cascade_lib
 from dalle_jax.diffusion import gaussian
 from dalle_jax.diffusion import guidance as guidance_lib
 from dalle_jax.diffusion import samplers
@@ -45,6 +60,37 @@ def scheduler_config(diffusion_cfg):
   names = {f.name for f in dataclasses.fields(schedule_lib.SchedulerConfig)}
   d = diffusion_cfg.to_dict() if hasattr(diffusion_cfg, "to_dict") else dict(diffusion_cfg)
   return schedule_lib.SchedulerConfig.from_dict({k: v for k, v in d.items() if k in names})
+
+
+def low_res_conditioning(config):
+  """config.model.low_res_size + config.cascade -> LowResConditioning (None: a base stage),
+  every key checked before anything is built."""
+  size = int(config.model.get("low_res_size", 0) or 0)
+  if size <= 0:
+    return None
+  c = config.get("cascade")
+  if c is None:
+    raise ValueError("config.model.low_res_size > 0 needs config.cascade (configs/imagen.py)")
+  u = config.model.unet
+  if int(u.get("low_res_channels", 0)) != int(u.get("in_channels", 3)):
+    raise ValueError(f"config.model.low_res_size={size}: set config.model.unet.low_res_channels="
+                     f"{u.get('in_channels', 3)} (the low-res image is concatenated to x_t)")
+  from dalle_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  kinds = unet_lib.parse_extra_embeds(u.get("extra_embeds", ()))
+  if kinds.get(c.level_embed, ("",))[0] != "timestep":
+    raise ValueError(f"config.cascade.level_embed={c.level_embed!r} must be declared in "
+                     f"config.model.unet.extra_embeds as '{c.level_embed}:timestep'")
+  image_size = int(config.data.image_size)
+  if size >= image_size:
+    raise ValueError(f"config.model.low_res_size={size} must be below "
+                     f"config.data.image_size={image_size}")
+  noise = None
+  if int(c.max_noise_level) > 0:
+    aug = schedule_lib.SchedulerConfig(beta_schedule=c.noise_schedule,
+                                       num_train_timesteps=int(c.noise_timesteps))
+    noise = cascade_lib.NoiseAugmentation(aug, max_level=int(c.max_noise_level))
+  return cascade_lib.LowResConditioning(size, noise, bool(c.blur), tuple(c.blur_sigma),
+                                        int(c.blur_size))
 
 
 class FrozenClipText:
@@ -83,14 +129,35 @@ class DiffusionTask(base.Task):
     self.diffusion = gaussian.Diffusion(self.sched)
     self.frozen = None
     clip_path = config.get("text_encoder", {}).get("clip", "")
+    self.t5_path = config.get("text_encoder", {}).get("t5", "") if self.conditioning == "text" else ""
+    if_cfg = config.get("deepfloyd_if") or {}
+    # T5 states: padding positions masked out of the U-Net's attention unless the
+    # model attends to them all (IF)
+    self.context_mask = bool(if_cfg.get("context_mask", True))
+    self.null_text = None  # T5: (states (L, D), mask (L,)) of the negative prompt, set by the caller
     if self.conditioning == "text" and clip_path:
       self.frozen = FrozenClipText(clip_path, dtype=config.dtype)
       self.model = text2im.build(config, text_width=self.frozen.width)
       self.text_len = self.frozen.max_len
+    elif self.t5_path:
+      self.text_width = int(m.unet.get("context_dim", 0))
+      if self.text_width <= 0:
+        raise ValueError("config.text_encoder.t5 needs config.model.unet.context_dim = the T5 width")
+      self.model = text2im.build(config, text_width=self.text_width)
+      self.text_len = int(if_cfg.get("text_len", 0) or config.text.max_len)
     else:
       self.model = text2im.build(config)
       self.text_len = int(m.text.max_len) if self.conditioning == "text" else 0
     self._tokenizer = None
+    # super-resolution: trained here (config.cascade) or IF stage II (conditioned by the sampler)
+    self.sr = low_res_conditioning(config)
+    self.is_sr = int(m.unet.get("low_res_channels", 0)) > 0
+    self.level_embed = None
+    if self.sr is not None:
+      self.level_embed = config.cascade.level_embed
+    elif self.is_sr and if_cfg.get("stage") == "II":
+      self.level_embed = "class"  # IF's noise level goes in as class_labels
+    self.low_res_size = self.sr.low_res_size if self.sr is not None else None
 
   # --- text ---------------------------------------------------------------------
   @property
@@ -118,7 +185,15 @@ class DiffusionTask(base.Task):
     return ids[0], mask[0]
 
   def null_cond(self, n):
-    """The unconditional rows of guidance: blank captions or the null class."""
+    """The unconditional rows of guidance: blank captions, the negative prompt's T5 states
+    (`null_text`) or the null class."""
+    if self.conditioning == "text" and self.t5_path:
+      if self.null_text is None:
+        raise ValueError("config.text_encoder.t5: guidance and caption dropout need the negative "
+                         "prompt's T5 states (task.null_text = (states, mask))")
+      states, mask = self.null_text
+      return {"text_states": np.repeat(np.asarray(states, np.float32)[None], n, 0),
+              "text_mask": np.repeat(np.asarray(mask, bool)[None], n, 0)}
     if self.conditioning == "text":
       ids, mask = self.blank_text()
       return {"text_ids": np.repeat(ids[None], n, 0), "text_mask": np.repeat(mask[None], n, 0)}
@@ -129,7 +204,18 @@ class DiffusionTask(base.Task):
   def cond_of(self, batch):
     """The conditioning entries of a batch (text ids + mask, or label, or none)."""
     keys = {"text": ("text_ids", "text_mask"), "class": ("label",), "none": ()}[self.conditioning]
+    if self.t5_path:
+      keys = ("text_states", "text_mask")
     return {k: batch[k] for k in keys}
+
+  def encode(self, params, cond):
+    """Batch conditioning -> the U-Net's context / mask / embeds (Text2Im.encode's dict)."""
+    if self.t5_path:  # states computed outside; the U-Net pools them itself if it does
+      mask = jnp.asarray(cond["text_mask"]).astype(bool)
+      return dict(context=jnp.asarray(cond["text_states"]).astype(jnp.float32),
+                  context_mask=mask if self.context_mask else None, embeds={})
+    return self.model.apply({"params": params}, self.model_cond(cond),
+                            method=text2im.Text2Im.encode)
 
   def model_cond(self, cond):
     """Batch conditioning -> the model's: a frozen encoder's states replace the ids."""
@@ -156,13 +242,21 @@ class DiffusionTask(base.Task):
   # --- data ---------------------------------------------------------------------
   def preprocess(self, example):
     """Keeps image (H, W, C) float32 in [-1, 1] plus text_ids/text_mask or label."""
-    image = np.asarray(example["image"], np.float32)
+    image = np.asarray(example["image"])
+    if image.dtype != np.uint8:  # uint8 (data.image_dtype) is scaled in the step
+      image = image.astype(np.float32)
     s, c = self.image_size, self.channels
     if image.shape != (s, s, c):
       raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, {c}): "
                        f"set config.data.image_size={s}")
     out = {"image": image}
-    if self.conditioning == "text":
+    if self.conditioning == "text" and self.t5_path:  # pre-encoded records
+      if "text_states" not in example or "text_mask" not in example:
+        raise KeyError(f"config.text_encoder.t5: records need pre-encoded text_states and "
+                       f"text_mask; example has fields {sorted(example)}")
+      out.update(text_states=np.asarray(example["text_states"], np.float32),
+                 text_mask=np.asarray(example["text_mask"], bool))
+    elif self.conditioning == "text":
       if "caption" not in example:
         raise KeyError(f"conditioning='text' needs captions; example has fields {sorted(example)}")
       ids, mask = self.tokenize([example["caption"]])
@@ -178,7 +272,10 @@ class DiffusionTask(base.Task):
   def dummy_batch(self, batch_size):
     s, c = self.image_size, self.channels
     out = {"image": np.zeros((batch_size, s, s, c), np.float32)}
-    if self.conditioning == "text":
+    if self.conditioning == "text" and self.t5_path:
+      out.update(text_states=np.zeros((batch_size, self.text_len, self.text_width), np.float32),
+                 text_mask=np.ones((batch_size, self.text_len), bool))
+    elif self.conditioning == "text":
       out.update(text_ids=np.zeros((batch_size, self.text_len), np.int32),
                  text_mask=np.ones((batch_size, self.text_len), bool))
     elif self.conditioning == "class":
@@ -186,28 +283,45 @@ class DiffusionTask(base.Task):
     return out
 
   # --- model --------------------------------------------------------------------
+  def _sr_inputs(self, x_bhwc):
+    """Placeholder low-res input and level embedding of x's shape (init, FLOP counting)."""
+    if not self.is_sr:
+      return None, {}
+    b, s = x_bhwc.shape[0], self.low_res_size or self.image_size
+    low = jnp.zeros((b, s, s, self.channels), jnp.float32)
+    return low, {self.level_embed: jnp.zeros((b,), jnp.int32)} if self.level_embed else {}
+
   def init(self, rng, batch):
-    cond = self.model_cond(jax.tree.map(lambda x: x[:1], self.cond_of(batch)))
-    x = jnp.asarray(batch["image"][:1])
+    cond = jax.tree.map(lambda x: x[:1], self.cond_of(batch))
+    x = jnp.zeros((1,) + tuple(batch["image"].shape[1:]), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
-    return self.model.init({"params": rng, "dropout": rng}, x, t, cond)
+    low, embeds = self._sr_inputs(x)
+    rngs = {"params": rng, "dropout": rng}
+    if self.t5_path:  # no text module: the U-Net alone
+      enc = self.encode(None, cond)
+      enc["embeds"] = dict(enc["embeds"], **embeds)
+      return self.model.init(rngs, x, t, **enc, low_res=low, method=text2im.Text2Im.denoise)
+    return self.model.init(rngs, x, t, self.model_cond(cond), low_res=low, embeds=embeds)
 
   def _loss(self, params, batch, rng, train):
     k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
     cond = self.cond_of(batch)
     if train:
       cond = self.drop_cond(cond, k_drop, float(self.config.diffusion.cond_drop_prob))
-    cond = self.model_cond(cond)
-    enc = self.model.apply({"params": params}, cond, method=text2im.Text2Im.encode)
+    enc = self.encode(params, cond)
+    x0 = pipeline.normalize_images(batch["image"]).astype(jnp.float32)  # uint8 scaled here
+    low = None
+    if self.sr is not None:  # the low-res input from the image itself, a level per row
+      low, level_b = self.sr.train(jax.random.fold_in(rng, 1), x0)
+      enc["embeds"] = dict(enc["embeds"], **{self.level_embed: level_b})
 
     def model_fn(x_bhwc, t_b):
-      return self.model.apply({"params": params}, x_bhwc, t_b, **enc, train=train,
+      return self.model.apply({"params": params}, x_bhwc, t_b, **enc, train=train, low_res=low,
                               method=text2im.Text2Im.denoise, rngs={"dropout": k_dropout})
 
     d = self.config.diffusion
     loss_b, t_b = self.diffusion.training_loss(
-        model_fn, batch["image"].astype(jnp.float32), k_loss, weighting=d.loss_weighting,
-        min_snr_gamma=float(d.min_snr_gamma))
+        model_fn, x0, k_loss, weighting=d.loss_weighting, min_snr_gamma=float(d.min_snr_gamma))
     metrics = {}
     q_b = jnp.minimum(t_b * NUM_QUARTERS // self.sched.num_train_timesteps, NUM_QUARTERS - 1)
     for q in range(NUM_QUARTERS):
@@ -225,34 +339,46 @@ class DiffusionTask(base.Task):
     return dict(metrics, loss=loss)
 
   # --- sampling -----------------------------------------------------------------
-  def model_fn(self, params, cond, guidance_scale=1.0):
+  def model_fn(self, params, cond, guidance_scale=1.0, low_res=None, level=None, null=None):
     """(x_t (B, H, W, C), t (B,)) -> model output, guided when guidance_scale != 1.
 
-    cond: the batch conditioning of the B rows. With guidance, the conditional and
-    unconditional rows go through the U-Net in ONE pass of 2B rows.
+    cond: the batch conditioning of the B rows; null: the unconditional rows' (default
+    null_cond). With guidance, the conditional and unconditional rows go through the
+    U-Net in ONE pass of 2B rows. A super-resolution stage also takes its conditioning
+    image `low_res` (B, H, W, C) (already upsampled and noised) and its level (B,).
     """
-    denoise = lambda enc: lambda x, t: self.model.apply(
-        {"params": params}, x, t, **enc, method=text2im.Text2Im.denoise)
-    encode = lambda c: self.model.apply({"params": params}, self.model_cond(c),
-                                        method=text2im.Text2Im.encode)
+    extra = {self.level_embed: level} if self.level_embed and level is not None else {}
+
+    def denoise(enc, low, extra):
+      enc = dict(enc, embeds=dict(enc["embeds"], **extra))
+      return lambda x, t: self.model.apply({"params": params}, x, t, **enc, low_res=low,
+                                           method=text2im.Text2Im.denoise)
+
     if self.conditioning == "none" or guidance_scale == 1.0:
-      return denoise(encode(cond))
+      return denoise(self.encode(params, cond), low_res, extra)
     n = next(iter(cond.values())).shape[0]
-    null = jax.tree.map(jnp.asarray, self.null_cond(n))
+    null = jax.tree.map(jnp.asarray, self.null_cond(n) if null is None else null)
     both = {k: jnp.concatenate([jnp.asarray(cond[k]), null[k].astype(jnp.asarray(cond[k]).dtype)])
             for k in cond}
-    return guidance_lib.classifier_free_guidance(denoise(encode(both)), guidance_scale,
-                                                 learned_variance=self.sched.learned_variance)
+    twice = lambda a: None if a is None else jnp.concatenate([a, a])
+    return guidance_lib.classifier_free_guidance(
+        denoise(self.encode(params, both), twice(low_res), {k: twice(v) for k, v in extra.items()}),
+        guidance_scale,
+        learned_variance=self.sched.learned_variance)
 
   def sample(self, params, cond, x_T, rng, *, sampler="ddim", steps=50, eta=0.0,
-             guidance_scale=1.0, sched=None, progress=None):
-    """x_T (B, H, W, C) + conditioning -> x_0 in [-1, 1] (float32); jittable."""
-    fn = self.model_fn(params, cond, guidance_scale)
+             guidance_scale=1.0, sched=None, progress=None, low_res=None, level=None, null=None):
+    """x_T (B, H, W, C) + conditioning -> x_0 in [-1, 1] (float32); jittable. An SR stage
+    also takes its conditioning image and level (model_fn)."""
+    fn = self.model_fn(params, cond, guidance_scale, low_res=low_res, level=level, null=null)
     return samplers.sample(fn, sched or self.sched, x_T, sampler=sampler, steps=steps, rng=rng,
                            eta=eta, progress=progress)
 
   def preview(self, params, model_state, batch, rng):
-    """Guided samples for the fixed captions of config.sampling (one row per caption)."""
+    """Guided samples for the fixed captions of config.sampling (one row per caption); an SR
+    stage: rows of (bicubic upsampling, sample, original) for the batch's first images."""
+    if self.sr is not None:
+      return self._sr_preview(params, batch, rng)
     s = self.config.sampling
     n = int(s.samples_per_prompt)
     if self.conditioning == "text":
@@ -278,6 +404,32 @@ class DiffusionTask(base.Task):
       images = np.repeat(images, 3, -1)
     return {"samples": images_lib.image_grid(images, ncols=n)}
 
+  def _sr_preview(self, params, batch, rng, rows=4):
+    s = self.config.sampling
+    inputs = dict(self.cond_of(batch), image=batch["image"])
+    k = min(rows, inputs["image"].shape[0])
+
+    def run(p, b, r):
+      b = jax.tree.map(lambda a: a[:k], b)
+      x = pipeline.normalize_images(b["image"]).astype(jnp.float32)
+      low = self.sr.low_res(x)
+      k_aug, k_noise, k_sample = jax.random.split(r, 3)
+      cond_img, level = self.sr.sample(low, x.shape[1:3], int(self.config.cascade.noise_level),
+                                       jax.random.normal(k_aug, x.shape, jnp.float32))
+      out = self.sample(p, self.cond_of(b), jax.random.normal(k_noise, x.shape, jnp.float32),
+                        k_sample, sampler=s.sampler, steps=int(s.steps), eta=float(s.eta),
+                        guidance_scale=float(s.guidance_scale), low_res=cond_img, level=level)
+      return jnp.stack([cascade_lib.upsample_bicubic(low, x.shape[1:3]), out, x], axis=1)
+
+    fn = getattr(self, "_preview_fn", None)
+    if fn is None:
+      fn = self._preview_fn = jax.jit(run)
+    images = images_lib.to_uint8(parallel.to_host(fn(params, inputs, rng)))
+    images = images.reshape((-1,) + images.shape[2:])
+    if images.shape[-1] == 1:
+      images = np.repeat(images, 3, -1)
+    return {"samples": images_lib.image_grid(images, ncols=3)}
+
   # --- accounting -----------------------------------------------------------------
   def flops_per_example(self):
     """3x the forward FLOPs of one example (text encoder + U-Net), from XLA's cost model."""
@@ -287,8 +439,11 @@ class DiffusionTask(base.Task):
       params = parallel.unbox(abstract)["params"]
 
       def fwd(p, b):
-        cond = self.model_cond(self.cond_of(b))
-        return self.model.apply({"params": p}, b["image"], jnp.zeros((1,), jnp.int32), cond)
+        enc = self.encode(p, self.cond_of(b))
+        low, embeds = self._sr_inputs(b["image"])
+        enc["embeds"] = dict(enc["embeds"], **embeds)
+        return self.model.apply({"params": p}, b["image"], jnp.zeros((1,), jnp.int32), **enc,
+                                low_res=low, method=text2im.Text2Im.denoise)
 
       cost = jax.jit(fwd).lower(params, batch).cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
