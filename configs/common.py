@@ -85,6 +85,7 @@ def base_config():
   c.data.num_workers = 0  # grain worker processes (0 = in-process)
   c.data.read_threads = 4  # batches assembled at once (per process / worker)
   c.data.prefetch = 4  # batches read ahead (per process / worker)
+  c.data.prefetch_to_device = 0  # batches the trainer shards onto the mesh ahead (0 = off)
   c.data.image_dtype = "float32"  # float32 | uint8 (the step scales: pipeline.normalize_images)
   c.data.random_crop = False
 

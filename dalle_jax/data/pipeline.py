@@ -11,7 +11,9 @@ Throughput (config.data): `read_threads` batches are assembled concurrently
 at most min(read_threads, prefetch) at once); `num_workers` > 0 moves that
 into worker processes, each with those threads and that buffer. With `image_dtype =
 "uint8"` images stay uint8 (a quarter of the bytes to copy and transfer) and
-the jitted step scales them with `normalize_images`. None of these changes
+the jitted step scales them with `normalize_images`; `prefetch_to_device` > 0
+makes the trainer place that many batches on the mesh ahead of the step (a
+thread: DevicePrefetch). None of these changes
 which examples a batch holds, nor (once normalised) its values.
 
 Ordering: the whole dataset is one stream of positions 0, 1, 2, ... (epoch e
@@ -40,7 +42,8 @@ from dalle_jax.data import records
 _BUILD_CMD = "python -m dalle_jax.tools.build_dataset"
 IMAGE_DTYPES = ("float32", "uint8")
 # data.<key>: (default when the config lacks it, smallest valid value)
-_COUNT_KEYS = {"read_threads": (4, 1), "prefetch": (4, 1), "num_workers": (0, 0)}
+_COUNT_KEYS = {"read_threads": (4, 1), "prefetch": (4, 1), "num_workers": (0, 0),
+               "prefetch_to_device": (0, 0)}  # the trainer's DevicePrefetch size (0 = off)
 
 
 def _cfg(data_cfg, key, default):

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from dalle_jax import parallel
+from dalle_jax.data import pipeline
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.tasks import base
 
@@ -176,7 +177,9 @@ class ClipTask(base.Task):
     if "caption" not in example:
       raise KeyError(f"CLIP needs image–caption data; example has fields {sorted(example)}")
     ids, mask = self.tokenize([example["caption"]])
-    image = np.asarray(example["image"], np.float32)
+    image = np.asarray(example["image"])
+    if image.dtype != np.uint8:  # uint8 (data.image_dtype) is scaled in the step
+      image = image.astype(np.float32)
     s = self.config.model.vision.image_size
     if image.shape != (s, s, 3):
       raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, 3): "
@@ -196,7 +199,6 @@ class ClipTask(base.Task):
             "text_mask": np.ones((batch_size, t), bool)}
 
   def make_iterator(self, split, batch_size, shuffle=True, seed=None):
-    from dalle_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.make_iterator(self.config.data, split, batch_size,
                                   seed=self.config.seed if seed is None else seed,
                                   preprocess=self.preprocess, shuffle=shuffle)
@@ -207,7 +209,7 @@ class ClipTask(base.Task):
                            batch["text_mask"][:1])
 
   def _forward(self, params, batch, rng, train):
-    images = batch["image"]
+    images = pipeline.normalize_images(batch["image"])  # uint8 -> [-1, 1] on device
     aug = self.config.get("augment")
     if train and aug is not None and aug.enabled:
       images = random_resized_crop(rng, images, tuple(aug.crop_scale), tuple(aug.crop_ratio),
@@ -234,7 +236,8 @@ class ClipTask(base.Task):
     of the first n = min(16, B) pairs."""
     def similarity(params, image, text_ids, text_mask):
       n = min(16, image.shape[0])
-      out = self.model.apply({"params": params}, image[:n], text_ids[:n], text_mask[:n])
+      image = pipeline.normalize_images(image[:n])
+      out = self.model.apply({"params": params}, image, text_ids[:n], text_mask[:n])
       return jnp.einsum("ie,je->ij", out["image"], out["text"], preferred_element_type=jnp.float32)
     return jax.jit(similarity)
 

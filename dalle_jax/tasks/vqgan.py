@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dalle_jax import parallel
+from dalle_jax.data import pipeline
 from dalle_jax.models import discriminator as disc_lib
 from dalle_jax.models import layers
 from dalle_jax.models import loader
@@ -89,6 +90,12 @@ vqgan_variables = loader.vqgan_variables
 encode_images = loader.vqgan_encode
 decode_codes = loader.vqgan_decode
 reconstruct = loader.vqgan_reconstruct
+
+
+def batch_images(batch):
+  """The batch's images as float32 in [-1, 1]: uint8 ones (data.image_dtype='uint8',
+  a quarter of the bytes host -> device) are scaled here, inside the jitted step."""
+  return pipeline.normalize_images(jnp.asarray(batch["image"])).astype(jnp.float32)
 
 
 # --- the task ----------------------------------------------------------------------
@@ -164,7 +171,7 @@ class VQGANTask(base.Task):
 
   def loss_fn(self, params, model_state, batch, rng, step):
     lc = self.config.loss
-    x = jnp.asarray(batch["image"], jnp.float32)
+    x = batch_images(batch)
     variables = {"params": params["vqgan"]}
     if self.use_ema:
       variables["vq_ema"] = model_state["vq_ema"]
@@ -219,7 +226,7 @@ class VQGANTask(base.Task):
     return tuple(conv_vjp(sg(c))[0] for c in recon_cotangents)
 
   def eval_fn(self, params, model_state, batch, rng):
-    x = jnp.asarray(batch["image"], jnp.float32)
+    x = batch_images(batch)
     variables = {"params": params["vqgan"]}
     if self.use_ema:
       variables["vq_ema"] = model_state["vq_ema"]
@@ -235,7 +242,7 @@ class VQGANTask(base.Task):
     batch and parameters may be sharded over processes, the grid comes back
     whole on every process."""
     n = min(int(self.config.get("num_preview", 8)), batch["image"].shape[0])
-    x = batch["image"][:n]
+    x = batch_images({"image": batch["image"][:n]})
     variables = {"params": params, **({"vq_ema": model_state["vq_ema"]} if self.use_ema else {})}
     recon, _ = reconstruct(self.config, variables, x)
     x, recon = parallel.to_host(x), parallel.to_host(recon)

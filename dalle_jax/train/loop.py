@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from dalle_jax import parallel, paths
+from dalle_jax.data import pipeline
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import checkpoint as ckpt_lib
 from dalle_jax.train import metrics as metrics_lib
@@ -307,11 +308,16 @@ def train(config, workdir, *, max_steps=None):
   still sets the schedule. Returns the final TrainState.
   """
   task, mesh, train_iter = _prepare(config)
+  ahead = int(config.data.get("prefetch_to_device", 0))
+  if ahead:  # batches sharded onto the mesh by a thread while the step computes
+    train_iter = pipeline.prefetch_to_device(train_iter, mesh, size=ahead)
   preempt = Preemption(mesh)  # before compiling: an early SIGTERM also ends cleanly
   try:
     return _train(task, mesh, train_iter, preempt, paths.resolve(workdir), max_steps)
   finally:
     preempt.restore()
+    if ahead:
+      train_iter.close()  # stops the thread
 
 
 def _train(task, mesh, train_iter, preempt, workdir, max_steps):
@@ -373,7 +379,9 @@ def _train(task, mesh, train_iter, preempt, workdir, max_steps):
 
   try:
     while step < end_step:
-      batch = parallel.shard_batch(next(train_iter), mesh)
+      batch = next(train_iter)
+      if not isinstance(train_iter, pipeline.DevicePrefetch):  # else already on the mesh
+        batch = parallel.shard_batch(batch, mesh)
       with parallel.mesh_context(mesh, config):
         state, m = p_train_step(state, batch)
       step += 1
