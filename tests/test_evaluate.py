@@ -302,13 +302,12 @@ def _random_inception_pth(path):
   torch.save(flax_to_torch(params), path)
 
 
-def test_cli_stats_fid_and_errors(tmp_path, capsys):
+def test_cli_stats_fid_and_errors(inception_pth, tmp_path, capsys):
   """stats of a folder and of an .npz batch, then fid of the statistics file against the
   batch: the printed last line, the JSON/Markdown outputs, and FID equal to the Fréchet
   distance of the two written statistics files."""
   from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
-  pth = str(tmp_path / "pt_inception.pth")
-  _random_inception_pth(pth)
+  pth = inception_pth
   real = tmp_path / "real"
   real.mkdir()
   for i, im in enumerate(_images(6, seed=1, size=32)):
@@ -336,3 +335,188 @@ def test_cli_stats_fid_and_errors(tmp_path, capsys):
     cli.main(["kid", "--real", str(tmp_path / "ref.npz"), "--fake", str(real), *common])
   with pytest.raises(SystemExit, match="--inception .*no such file"):
     cli.main(["fid", "--real", str(real), "--fake", str(real), "--inception", "nope.pth"])
+
+
+# --------------------------------------------------------------------------- generate / rfid / clip_score
+
+CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue")
+            for s in ("circle", "square") for b in ("white", "black")]
+
+
+def _random_variables(task_init, dummy, scale):
+  """Random weights (ones for norm scales) at a model's abstract shapes: no init compile."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  shapes = nn.meta.unbox(jax.eval_shape(task_init, jax.random.PRNGKey(0), dummy))
+  rng = np.random.RandomState(0)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, s: (np.ones(s.shape, s.dtype) if "scale" in jax.tree_util.keystr(p) else
+                    (scale * rng.standard_normal(s.shape)).astype(s.dtype)), shapes)
+
+
+def _save_vqgan(path):
+  from configs import vqgan as vqgan_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.tasks import vqgan as vq_task  # pylint: disable=g-import-not-at-top
+  from dalle_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  vq_config = vqgan_cfg.get_config("shapes")  # 32 px -> 8 x 8 codes
+  vq_config.loss.disc_weight = 0.0
+  vq = vq_task.VQGANTask(vq_config)
+  ckpt.save_imported(path, vq_config, _random_variables(vq.init, vq.dummy_batch(1), 0.05))
+
+
+def _save_ar(path, vqgan):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from configs import dalle as dalle_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from dalle_jax.models import dalle  # pylint: disable=g-import-not-at-top
+  from dalle_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.train_sentencepiece(CAPTIONS * 20, os.path.join(path, "sp.model"), 64)
+  config = dalle_cfg.get_config("shapes")
+  config.model.update(dict(text_vocab_size=tok.vocab_size, text_len=8, num_layers=2,
+                           d_model=32, num_heads=4, mlp_dim=64))
+  config.text.update(max_len=8, path="sp.model")
+  config.dtype = "float32"
+  config.vqgan = vqgan
+  config.sampling.guidance_scale = 2.0
+  model = dalle.from_config(config.model, dtype="float32")
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+                               jnp.zeros((1, 64), jnp.int32))
+  ckpt.save_imported(path, config, nn.meta.unbox(params))
+
+
+def _save_diffusion(path):
+  from configs import diffusion as diffusion_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from dalle_jax.tasks import diffusion as diffusion_task  # pylint: disable=g-import-not-at-top
+  from dalle_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.train_sentencepiece(CAPTIONS * 20, os.path.join(path, "sp.model"), 64)
+  config = diffusion_cfg.get_config("shapes")
+  config.data.update(image_size=16, dataset="/nonexistent")
+  config.model.unet.update(dict(block_channels=(16, 32), attention=("none", "added_kv"),
+                                mid_attention="added_kv", attn_head_dim=16, norm_groups=8))
+  config.model.text.update(dict(width=32, layers=1, heads=2, mlp_dim=64))
+  config.text.update(vocab_size=tok.vocab_size, max_len=8, path="sp.model")
+  config.dtype = "float32"
+  config.diffusion.num_train_timesteps = 100
+  task = diffusion_task.DiffusionTask(config)
+  ckpt.save_imported(path, config, _random_variables(task.init, task.dummy_batch(1), 0.1))
+
+
+@pytest.fixture(scope="module")
+def inception_pth(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("inception") / "pt_inception.pth")
+  _random_inception_pth(path)
+  return path
+
+
+def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp_path, capsys):
+  """generate with the AR (+ VQGAN) and the diffusion family: 5 cycled captions in 2 sampling
+  calls (4 rows + 1 padded), scored in memory; the JSON records captions, seeds and settings,
+  and its FID / CLIP score equal the fid / clip_score subcommands' on the same (lossless)
+  images. Tiny random models; FID against random rank-64 reference statistics."""
+  from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
+  from tests.test_clip_convert import write_tiny_hf_clip  # pylint: disable=g-import-not-at-top
+  m = str(tmp_path)
+  _save_vqgan(f"{m}/vqgan")
+  _save_ar(f"{m}/ar", f"{m}/vqgan")
+  _save_diffusion(f"{m}/diffusion")
+  write_tiny_hf_clip(f"{m}/clip")
+  a = np.random.default_rng(9).normal(size=(inception.POOL_DIM, 64))
+  stats_lib.save_stats(f"{m}/ref.npz", a[:, 0], a @ a.T / 64, 64)
+  (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS[:3]) + "\n\n")
+  common = ["--inception", inception_pth, "--batch_size", "8"]
+  for family, flags in (("ar", ["--top_k", "5", "--temperature", "0.9"]),
+                        ("diffusion", ["--sampler", "ddim", "--steps", "3",
+                                       "--guidance_scale", "3"])):
+    out = tmp_path / f"{family}.json"
+    samples = f"{m}/{family}_samples.npz"
+    cli.main(["generate", "--family", family, "--checkpoint", f"{m}/{family}",
+              "--captions", f"{m}/captions.txt", "--num", "5", "--seed", "3",
+              "--sample_batch_size", "4", *flags, "--score", "fid,clip_score",
+              "--real", f"{m}/ref.npz", "--clip", f"{m}/clip", "--save_samples", samples,
+              "--out", str(out), *common])
+    saved = json.loads(out.read_text())
+    assert saved["captions"] == [CAPTIONS[i % 3] for i in range(5)]
+    assert saved["seeds"] == [3, 4] and saved["sample_batch_size"] == 4
+    assert saved["family"] == family and saved["model_flag"] == "--checkpoint"
+    assert saved["command"].startswith("python -m dalle_jax.evaluate generate --family " + family)
+    sampling = saved["settings"]["sampling"]
+    if family == "ar":  # flags given, the rest from the checkpoint's config.sampling
+      assert sampling["top_k"] == 5 and sampling["temperature"] == 0.9
+      assert sampling["guidance_scale"] == 2.0 and sampling["top_p"] == 1.0
+    else:
+      assert sampling["steps"] == 3 and sampling["guidance_scale"] == 3.0
+      assert saved["settings"]["scheduler"]["num_train_timesteps"] == 100
+    with np.load(samples) as z:
+      images = z["arr_0"]
+    size = 32 if family == "ar" else 16
+    assert images.shape == (5, size, size, 3) and images.dtype == np.uint8
+    assert images.std() > 1  # not blank
+    fid = saved["scores"]["fid"]
+    assert fid["n"] == 5 and fid["real"]["kind"] == "stats" and fid["value"] > 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith(f"FID {fid['value']:.6f} CLIP score ")
+    assert "| scores.fid.value |" in (tmp_path / f"{family}.md").read_text()
+    ref = cli.main(["fid", "--real", f"{m}/ref.npz", "--fake", samples, *common,
+                    "--out", f"{m}/fid.json"])
+    assert fid["value"] == pytest.approx(ref["value"], rel=1e-6)
+    (tmp_path / "used.txt").write_text("\n".join(saved["captions"]) + "\n")
+    ref = cli.main(["clip_score", "--fake", samples, "--clip", f"{m}/clip",
+                    "--captions", f"{m}/used.txt", "--out", f"{m}/cs.json"])
+    got = saved["scores"]["clip_score"]
+    assert ref["fake"]["n"] == got["num_pairs"] == 5
+    for k in ("clip_score_torchmetrics", "clip_score_hessel", "mean_cosine"):
+      assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
+    assert got["clip"] == ref["clip"]
+
+
+def test_generate_rejects_bad_inputs_before_loading(tmp_path):
+  from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
+  from dalle_jax.evaluate import generate as gen_lib  # pylint: disable=g-import-not-at-top
+  m = str(tmp_path)
+  for d in ("model", "clip"):  # nothing is loaded before these errors
+    (tmp_path / d).mkdir()
+  (tmp_path / "captions.txt").write_text("a red circle\n")
+  base = ["generate", "--checkpoint", f"{m}/model", "--captions", f"{m}/captions.txt",
+          "--num", "2", "--score", "clip_score", "--clip", f"{m}/clip"]
+  cases = [(["--family", "diffusion", "--top_k", "3"], "--top_k applies to --family ar, not"),
+           (["--family", "ar", "--top_p", "1.5"], r"--top_p 1.5: must be in \(0, 1\]"),
+           (["--family", "diffusion", "--score", "fid"], "--score fid needs --real"),
+           (["--family", "diffusion", "--score", "fid,lpips"], "--score fid,lpips: choose"),
+           (["--family", "ar", "--num", "0"], "--num 0: must be >= 1"),
+           (["--family", "diffusion", "--captions", f"{m}/none.txt"], "--captions .*no such file"),
+           (["--family", "unclip", "--vqgan", m], "--vqgan applies to --family ar")]
+  if not gen_lib.cascade_available():
+    cases.append((["--family", "cascade"], "--family cascade: not available yet"))
+  for extra, msg in cases:
+    with pytest.raises(SystemExit, match=msg):
+      cli.main(base + extra + ["--out", f"{m}/x.json"])
+  assert not (tmp_path / "x.json").exists()
+
+
+def test_rfid_equals_fid_of_inputs_and_reconstructions(inception_pth, tmp_path, capsys):
+  """rfid of a folder (40 px images cropped to the VQGAN's 32) equals fid between the crops
+  and their reconstructions made here with the VQGAN codec."""
+  from dalle_jax.data import images as img_lib  # pylint: disable=g-import-not-at-top
+  from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
+  from dalle_jax.models import loader  # pylint: disable=g-import-not-at-top
+  m = str(tmp_path)
+  _save_vqgan(f"{m}/vqgan")
+  real = tmp_path / "real"
+  real.mkdir()
+  for i, im in enumerate(_images(6, seed=4, size=40)):
+    Image.fromarray(im).save(real / f"{i}.png")
+  common = ["--inception", inception_pth, "--batch_size", "8"]
+  res = cli.main(["rfid", "--real", str(real), "--vqgan", f"{m}/vqgan", *common,
+                  "--out", str(tmp_path / "rfid.json")])
+  assert capsys.readouterr().out.strip().splitlines()[-1] == f"rFID {res['value']:.6f}"
+  assert res["image_size"] == 32 and res["real"]["n"] == 6 and res["value"] > 0
+  crops = np.stack([img_lib.resize_and_crop(im, 32) for im in _images(6, seed=4, size=40)])
+  config, variables = loader.load_vqgan(f"{m}/vqgan")
+  recon, _ = loader.vqgan_reconstruct(config, variables, img_lib.to_float(crops))
+  np.savez(tmp_path / "in.npz", arr_0=crops)
+  np.savez(tmp_path / "rec.npz", arr_0=img_lib.to_uint8(np.asarray(recon)))
+  ref = cli.main(["fid", "--real", str(tmp_path / "in.npz"), "--fake", str(tmp_path / "rec.npz"),
+                  *common, "--out", str(tmp_path / "fid.json")])
+  assert res["value"] == pytest.approx(ref["value"], rel=1e-6)
+  with pytest.raises(SystemExit, match="--vqgan .*"):
+    cli.main(["rfid", "--real", str(real), "--vqgan", f"{m}/none", *common])

@@ -8,6 +8,9 @@
   clip_score --fake SRC --clip CLIP (--captions FILE | a DATASET:SPLIT source with captions)
   rfid       --real SRC --vqgan VQGAN --inception PTH            (FID of VQGAN reconstructions)
   zero_shot  --clip CLIP --data_dir D --dataset shapes ...       (dalle_jax.tools.zero_shot's metrics)
+  generate   --family ar|diffusion|cascade|unclip (--workdir W | --checkpoint C) --captions FILE
+             --num N [sampler flags] --score fid,clip_score --real REF [--clip CLIP]
+             (samples the captions with the family's pipeline, scores the images in memory)
 
 SRC: an image folder, an .npz sample batch (arr_0 uint8 NxHxWx3), a statistics .npz (mu, sigma;
 fid only) or DATASET:SPLIT in --data_dir. PTH: pytorch-fid's pt_inception-2015-12-05-*.pth, a
@@ -26,6 +29,7 @@ import time
 import numpy as np
 
 from dalle_jax.evaluate import features as feat_lib
+from dalle_jax.evaluate import generate as gen_lib
 from dalle_jax.evaluate import metrics
 from dalle_jax.evaluate import sources as src_lib
 from dalle_jax.evaluate import stats as stats_lib
@@ -39,7 +43,7 @@ class UsageError(ValueError):
 
 # --------------------------------------------------------------------------- arguments
 
-def _common(p, inception=True):
+def _common(p, inception=True, num=True):
   if inception:
     p.add_argument("--inception", default=os.environ.get("DALLE_JAX_INCEPTION"),
                    help="pytorch-fid's pt_inception-2015-12-05-*.pth (default $DALLE_JAX_INCEPTION)")
@@ -47,7 +51,9 @@ def _common(p, inception=True):
                    help="resize to 299: pytorch-fid's bilinear or clean-fid's bicubic")
   p.add_argument("--batch_size", type=int, default=64, help="global images per network call")
   p.add_argument("--data_dir", default="data", help="TFDS data_dir for DATASET:SPLIT sources")
-  p.add_argument("--num", type=int, default=0, help="use only the first N images of each source")
+  if num:
+    p.add_argument("--num", type=int, default=0,
+                   help="use only the first N images of each source")
   p.add_argument("--out", default=None, help="result JSON (default ./evaluate_CMD.json); "
                                                "a Markdown table is written beside it")
 
@@ -90,6 +96,30 @@ def build_parser():
   s.add_argument("--vqgan", required=True, help="VQGAN workdir or imported checkpoint")
   s.add_argument("--image_size", type=int, default=0, help="default: the VQGAN's data.image_size")
   _common(s)
+  s = sub.add_parser("generate", help="sample captions with a family, score the images in memory")
+  s.add_argument("--family", required=True, choices=gen_lib.FAMILIES)
+  src = s.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="training workdir (its latest checkpoint)")
+  src.add_argument("--checkpoint", help="imported checkpoint directory")
+  s.add_argument("--captions", required=True, help="one caption per line (cycled when --num "
+                                                     "exceeds their count)")
+  s.add_argument("--num", type=int, required=True, help="images to sample (one per caption)")
+  s.add_argument("--seed", type=int, default=0, help="sampling call k uses seed + k")
+  s.add_argument("--sample_batch_size", type=int, default=16, help="images per sampling call")
+  s.add_argument("--mesh", default="-1,1,1", metavar="DATA,FSDP,TENSOR",
+                 help="the samplers' device mesh (default: data-parallel over all devices)")
+  s.add_argument("--vqgan", default=None, help="ar: VQGAN override (default: config.vqgan)")
+  for flag, typ in gen_lib.ALL_SAMPLER_FLAGS.items():
+    owners = "|".join(f for f, fl in gen_lib.SAMPLER_FLAGS.items() if flag in fl)
+    s.add_argument(f"--{flag}", type=typ, default=None,
+                   help=f"{owners} (default: the checkpoint's config.sampling)")
+  s.add_argument("--score", default="fid,clip_score", help="comma-separated: fid, clip_score")
+  s.add_argument("--real", default=None, help="FID reference: statistics .npz, folder, .npz "
+                                              "batch or DATASET:SPLIT")
+  s.add_argument("--clip", default=None, help="clip_score: CLIP workdir, checkpoint or HF dir")
+  s.add_argument("--save_samples", default=None,
+                 help="also write the images as FILE.npz (arr_0 uint8, lossless)")
+  _common(s, num=False)
   s = sub.add_parser("zero_shot", help="zero-shot classification + retrieval with CLIP")
   s.add_argument("--clip", required=True)
   s.add_argument("--dataset", default="shapes")
@@ -286,25 +316,21 @@ def _center_square(img, size):
 
 
 def cmd_rfid(args):
+  from dalle_jax.data import images as img_lib  # pylint: disable=g-import-not-at-top
+  from dalle_jax.models import loader  # pylint: disable=g-import-not-at-top
   real = _open(args, "--real")
-  from dalle_jax.tasks import vqgan as vqgan_task  # pylint: disable=g-import-not-at-top
-  from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(args.vqgan):
-    raise FileNotFoundError(f"--vqgan {args.vqgan}: no such file or directory")
-  ext, info = _extractor(args)
-  config, variables = checkpoint.load_model(args.vqgan)
-  if config.get("family") != "vqgan":
-    raise UsageError(f"--vqgan {args.vqgan}: a {config.get('family')!r} model, not a VQGAN")
+  config = loader.check(args.vqgan, "vqgan", "--vqgan")  # family and files, no weights read
   if config.model.get("decoder_only", False):
     raise UsageError(f"--vqgan {args.vqgan}: a decoder-only VQGAN cannot reconstruct images")
+  ext, info = _extractor(args)
+  config, variables = loader.load_vqgan(args.vqgan, "--vqgan")
   size = args.image_size or int(config.data.image_size)
-  from dalle_jax.data import images as img_lib  # pylint: disable=g-import-not-at-top
 
   def crop(batch):
     return [img_lib.resize_and_crop(im, size) for im in batch]
 
   def reconstruct(batch):  # the whole local batch at once: one compilation
-    out, _ = vqgan_task.reconstruct(config, variables, img_lib.to_float(np.stack(crop(batch))))
+    out, _ = loader.vqgan_reconstruct(config, variables, img_lib.to_float(np.stack(crop(batch))))
     return list(img_lib.to_uint8(np.asarray(out)))
 
   exo = src_lib.extract(real, ext, progress="inputs", transform=crop)
@@ -334,12 +360,109 @@ def cmd_zero_shot(args):
   return res, "zero-shot top-1 " + " ".join(f"{k} {v:.4f}" for k, v in top1.items())
 
 
+def _check_generate(args):
+  """Every generate input checked before any model loads; returns (scores, captions)."""
+  scores = [s.strip() for s in args.score.split(",") if s.strip()]
+  bad = [s for s in scores if s not in gen_lib.SCORES]
+  if bad or not scores:
+    raise UsageError(f"--score {args.score}: choose from {','.join(gen_lib.SCORES)}")
+  if args.num < 1:
+    raise UsageError(f"--num {args.num}: must be >= 1")
+  if args.sample_batch_size < 1:
+    raise UsageError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
+  flags = {k: getattr(args, k) for k in gen_lib.ALL_SAMPLER_FLAGS}
+  gen_lib.check_sampler_flags(args.family, flags)
+  if args.vqgan and args.family != "ar":
+    raise UsageError(f"--vqgan applies to --family ar, not {args.family}")
+  model = args.workdir or args.checkpoint
+  if not os.path.exists(model):
+    flag = "--workdir" if args.workdir else "--checkpoint"
+    raise FileNotFoundError(f"{flag} {model}: no such directory")
+  captions = _read_lines(args.captions, "--captions")
+  if not captions:
+    raise UsageError(f"--captions {args.captions}: no captions in the file")
+  if "fid" in scores:
+    if not args.real:
+      raise UsageError("--score fid needs --real REF (statistics .npz, images or DATASET:SPLIT)")
+    if not args.inception:
+      raise UsageError("--score fid needs --inception PT_INCEPTION.pth (or $DALLE_JAX_INCEPTION)")
+    if not os.path.isfile(args.inception):
+      raise FileNotFoundError(f"--inception {args.inception}: no such file")
+  if "clip_score" in scores:
+    if not args.clip:
+      raise UsageError("--score clip_score needs --clip CLIP (workdir, checkpoint or HF dir)")
+    if not os.path.exists(args.clip):
+      raise FileNotFoundError(f"--clip {args.clip}: no such file or directory")
+  if args.save_samples and not args.save_samples.endswith(".npz"):
+    raise UsageError(f"--save_samples {args.save_samples}: expected a FILE.npz")
+  return scores, [captions[i % len(captions)] for i in range(args.num)]
+
+
+def cmd_generate(args):
+  import shlex  # pylint: disable=g-import-not-at-top
+  from dalle_jax.sampling import generate as ar_lib  # pylint: disable=g-import-not-at-top
+  from dalle_jax.sampling import rerank  # pylint: disable=g-import-not-at-top
+  scores, captions = _check_generate(args)
+  real = None
+  if "fid" in scores:  # all of it: --num counts samples here, not reference images
+    real = src_lib.open_source(args.real, "--real", args.data_dir, allow_stats=True)
+  ext = info = clip = ref = None
+  result = {"metric": "generate", "family": args.family,
+            "model": os.path.abspath(args.workdir or args.checkpoint),
+            "model_flag": "--workdir" if args.workdir else "--checkpoint"}
+  flags = {k: getattr(args, k) for k in gen_lib.ALL_SAMPLER_FLAGS}
+  sampler = gen_lib.load_sampler(args.family, result["model"], flags,
+                                 mesh=ar_lib.mesh_from_flag(args.mesh), vqgan=args.vqgan)
+  fid_info = {}
+  if real is not None:
+    ext, info = _extractor(args)
+    if real.kind == "stats":
+      ref = (real.mu, real.sigma)
+      fid_info["real"] = _source_info(args.real, real)
+    else:
+      ex = src_lib.extract(real, ext, progress="real features")
+      ref = (ex.stats.mu, ex.stats.sigma)
+      fid_info["real"] = _source_info(args.real, real, ex)
+  if "clip_score" in scores:
+    clip = rerank.get_encoder(args.clip, flag="--clip", batch_size=args.batch_size)
+  scorer = gen_lib.Scorer(ext, ref, clip)
+  seeds, images = gen_lib.sample_and_score(sampler, captions, args.seed, args.sample_batch_size,
+                                           scorer, keep_images=bool(args.save_samples),
+                                           progress=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.save_samples and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(args.save_samples)), exist_ok=True)
+    np.savez(args.save_samples, arr_0=images)
+  got = scorer.result()
+  if "fid" in got:
+    got["fid"].update(mode=args.mode, inception=info, **fid_info)
+  if "clip_score" in got:
+    got["clip_score"].update(clip=os.path.abspath(args.clip), clip_image_size=clip.image_size)
+  result.update(
+      num=args.num, seed=args.seed, sample_batch_size=args.sample_batch_size, seeds=seeds,
+      mesh=args.mesh, settings=sampler.settings,
+      captions_file=os.path.abspath(args.captions), captions=captions,
+      save_samples=os.path.abspath(args.save_samples) if args.save_samples else None,
+      command="python -m dalle_jax.evaluate " + shlex.join(args.argv), scores=got)
+  line = []
+  if "fid" in got:
+    line.append(f"FID {got['fid']['value']:.6f}")
+  if "clip_score" in got:
+    cs = got["clip_score"]
+    line.append(f"CLIP score {cs['clip_score_torchmetrics']:.4f} (torchmetrics) "
+                f"{cs['clip_score_hessel']:.4f} (Hessel et al.)")
+  return result, " ".join(line)
+
+
 COMMANDS = {"fid": cmd_fid, "stats": cmd_stats, "kid": cmd_kid, "is": cmd_is, "prd": cmd_prd,
-            "clip_score": cmd_clip_score, "rfid": cmd_rfid, "zero_shot": cmd_zero_shot}
+            "clip_score": cmd_clip_score, "rfid": cmd_rfid, "zero_shot": cmd_zero_shot,
+            "generate": cmd_generate}
 
 
 def main(argv=None):
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(argv)
+  args.argv = argv
   logging.basicConfig(level=logging.WARNING)
   if args.cmd in INCEPTION_CMDS:
     if not args.inception:

@@ -1,7 +1,7 @@
 """REAL / FAKE inputs of the evaluation commands, checked before any computation.
 
 A source spec is one of:
-  DIR                   a folder of images (png/jpg/webp/bmp/gif/tif, sorted by name, not recursive)
+  DIR                   a folder of images (data.images.IMAGE_EXTS, sorted by name, not recursive)
   FILE.npz with arr_0   a sample batch, uint8 (N, H, W, 3) (guided-diffusion's format)
   FILE.npz with mu      reference statistics (mu, sigma) as pytorch-fid / clean-fid / TTUR write
   DATASET:SPLIT         a TFDS dataset by name in --data_dir (e.g. shapes:test, coco_captions:val)
@@ -19,8 +19,6 @@ from dalle_jax.data import images as img_lib
 from dalle_jax.evaluate import features as feat_lib
 from dalle_jax.evaluate import stats as stats_lib
 from dalle_jax.models import inception
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class SourceError(ValueError):
@@ -113,9 +111,10 @@ def open_source(spec, flag="--real", data_dir="data", allow_stats=True, limit=No
   """A source from its spec; one-line SourceError/FileNotFoundError naming `flag` otherwise."""
   spec = os.path.expanduser(spec)
   if os.path.isdir(spec):
-    names = sorted(f for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTS))
+    names = sorted(f for f in os.listdir(spec) if f.lower().endswith(img_lib.IMAGE_EXTS))
     if not names:
-      raise SourceError(f"{flag} {spec}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
+      raise SourceError(f"{flag} {spec}: no images ({', '.join(img_lib.IMAGE_EXTS)}) "
+                        "in this folder")
     src = FolderSource(spec, names)
   elif os.path.isfile(spec):
     if not spec.endswith(".npz"):

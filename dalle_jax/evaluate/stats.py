@@ -12,11 +12,12 @@ covariance (ddof 1), as np.cov in pytorch-fid / clean-fid / TTUR.
 
 The matrix square root: FID needs tr((Σ1 Σ2)^{1/2}). Σ1 Σ2 is not symmetric, and with N < D
 samples (N < 2048) both covariances are singular, where a general sqrtm (scipy's Schur method,
-pytorch-fid) can return complex or inaccurate values. Since Σ1 Σ2 is similar to the symmetric
-PSD matrix M = Σ1^{1/2} Σ2 Σ1^{1/2} (they share eigenvalues), tr((Σ1 Σ2)^{1/2}) = Σ_i sqrt(λ_i(M)).
-We take Σ1^{1/2} from a symmetric eigendecomposition (eigh, eigenvalues clipped at 0) and the
-eigenvalues of M with eigvalsh (clipped at 0 before the square root), all in float64: no complex
-arithmetic, no regularising offset, and exact for rank-deficient covariances.
+pytorch-fid) can return complex or inaccurate values. We factor one covariance as Σ = F Fᵀ
+(F: D x r, r its numerical rank, by pivoted Cholesky); then Σ1 Σ2 = Σ_o F Fᵀ shares its
+non-zero eigenvalues with the symmetric PSD r x r matrix M = Fᵀ Σ_o F, and
+tr((Σ1 Σ2)^{1/2}) = Σ_i sqrt(λ_i(M)), from eigvalsh clipped at 0, all in float64: no complex
+arithmetic, no regularising offset, exact for rank-deficient covariances, and the lower-rank
+side is the one factored (a 5-sample covariance costs a 4 x 4 eigenproblem, not a 2048 one).
 
 Files: `.npz` with `mu` (D,) and `sigma` (D, D), as pytorch-fid, clean-fid and TTUR write them;
 ours also store `num_samples` (ignored by the others).
@@ -25,6 +26,7 @@ import dataclasses
 import os
 
 import numpy as np
+import scipy.linalg
 
 
 @dataclasses.dataclass
@@ -115,15 +117,27 @@ def load_stats(path):
   return mu, sigma, n
 
 
-def _psd_sqrt(sigma):
-  w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-  return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+def psd_factor(sigma):
+  """F (D, r) with F Fᵀ = Σ for a symmetric PSD Σ of numerical rank r: LAPACK's pivoted
+  Cholesky (dpstrf), which stops at the rank: O(D r²) for the rank-deficient covariances of
+  N < D samples, D³/3 at full rank."""
+  a = np.array((sigma + sigma.T) / 2, np.float64, order="F")
+  c, piv, rank, info = scipy.linalg.lapack.dpstrf(a, lower=1)
+  if info < 0:
+    raise ValueError(f"pivoted Cholesky failed (LAPACK info {info})")
+  factor = np.zeros((a.shape[0], rank), np.float64)
+  factor[piv - 1] = np.tril(c)[:, :rank]  # Pᵀ Σ P = L Lᵀ  ->  Σ = (P L)(P L)ᵀ
+  return factor
 
 
 def trace_sqrt_product(sigma1, sigma2):
-  """tr((Σ1 Σ2)^{1/2}) for symmetric PSD Σ1, Σ2 via eigh (see the module docstring)."""
-  s1h = _psd_sqrt(np.asarray(sigma1, np.float64))
-  m = s1h @ np.asarray(sigma2, np.float64) @ s1h
+  """tr((Σ1 Σ2)^{1/2}) for symmetric PSD Σ1, Σ2 (see the module docstring)."""
+  sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+  f1, f2 = psd_factor(sigma1), psd_factor(sigma2)
+  f, other = (f1, sigma2) if f1.shape[1] <= f2.shape[1] else (f2, sigma1)
+  if not f.shape[1]:
+    return 0.0
+  m = f.T @ other @ f  # (r, r): its eigenvalues are Σ1 Σ2's non-zero ones
   lam = np.linalg.eigvalsh((m + m.T) / 2)
   return float(np.sqrt(np.clip(lam, 0, None)).sum())
 
