@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax import parallel
+from dalle_jax import parallel, paths
 from dalle_jax.data import images as images_lib
 from dalle_jax.sampling import generate
 from dalle_jax.tasks import diffusion as diffusion_task
@@ -80,7 +80,7 @@ class Pipeline:
   @classmethod
   def load(cls, path, mesh=None):
     from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-    path = os.path.abspath(os.path.expanduser(path))
+    path = paths.resolve(path)  # local or gs://
     config = checkpoint.read_config(path)
     if config.get("family") != "diffusion":
       raise SamplingError(f"{path}: config.family={config.get('family')!r}, expected 'diffusion' "
@@ -322,7 +322,7 @@ def diffusion_main(argv=None):
     return os.path.abspath(args.out)
   sched = scheduler_overrides(pipe.task.sched, args.thresholding, args.threshold_percentile)
   settings = {
-      "method": "diffusion", "model": os.path.abspath(args.workdir or args.checkpoint),
+      "method": "diffusion", "model": os.fspath(paths.resolve(args.workdir or args.checkpoint)),
       "seed": args.seed, "num_images": args.num_images, "unconditional": args.unconditional,
       "sampling": {"sampler": args.sampler, "steps": args.steps, "eta": args.eta,
                    "guidance_scale": guidance if pipe.conditional and not args.unconditional else 1.0,
