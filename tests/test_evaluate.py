@@ -337,7 +337,7 @@ def test_cli_stats_fid_and_errors(inception_pth, tmp_path, capsys):
     cli.main(["fid", "--real", str(real), "--fake", str(real), "--inception", "nope.pth"])
 
 
-# --------------------------------------------------------------------------- generate / rfid / clip_score
+# --------------------------------------------------------------------------- generate / rfid
 
 CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue")
             for s in ("circle", "square") for b in ("white", "black")]
@@ -409,9 +409,9 @@ def inception_pth(tmp_path_factory):
 
 
 def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp_path, capsys):
-  """generate with the AR (+ VQGAN) and the diffusion family: 5 cycled captions in 2 sampling
-  calls (4 rows + 1 padded), scored in memory; the JSON records captions, seeds and settings,
-  and its FID / CLIP score equal the fid / clip_score subcommands' on the same (lossless)
+  """generate with the AR (+ VQGAN), diffusion and cascade families: 5 cycled captions in 2
+  sampling calls (4 rows + 1 padded), scored in memory; the JSON records captions, seeds and
+  settings, and its FID / CLIP score equal the fid / clip_score subcommands' on the same (lossless)
   images. Tiny random models; FID against random rank-64 reference statistics."""
   from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
   from tests.test_clip_convert import write_tiny_hf_clip  # pylint: disable=g-import-not-at-top
@@ -424,16 +424,21 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
   stats_lib.save_stats(f"{m}/ref.npz", a[:, 0], a @ a.T / 64, 64)
   (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS[:3]) + "\n\n")
   common = ["--inception", inception_pth, "--batch_size", "8"]
-  for family, flags in (("ar", ["--top_k", "5", "--temperature", "0.9"]),
-                        ("diffusion", ["--sampler", "ddim", "--steps", "3",
-                                       "--guidance_scale", "3"])):
+  fid_flags = ["--real", f"{m}/ref.npz", *common]
+  for family, model, flags in (
+      ("ar", "ar", ["--top_k", "5", "--temperature", "0.9", "--score", "fid,clip_score",
+                    *fid_flags]),
+      ("diffusion", "diffusion", ["--sampler", "ddim", "--steps", "3", "--guidance_scale", "3",
+                                  "--score", "fid,clip_score", *fid_flags]),
+      # a one-stage cascade (the base alone) through sampling.cascade.Cascade
+      ("cascade", "diffusion", ["--steps", "2", "--thresholding", "static",
+                                "--score", "clip_score"])):
     out = tmp_path / f"{family}.json"
     samples = f"{m}/{family}_samples.npz"
-    cli.main(["generate", "--family", family, "--checkpoint", f"{m}/{family}",
+    cli.main(["generate", "--family", family, "--checkpoint", f"{m}/{model}",
               "--captions", f"{m}/captions.txt", "--num", "5", "--seed", "3",
-              "--sample_batch_size", "4", *flags, "--score", "fid,clip_score",
-              "--real", f"{m}/ref.npz", "--clip", f"{m}/clip", "--save_samples", samples,
-              "--out", str(out), *common])
+              "--sample_batch_size", "4", *flags, "--clip", f"{m}/clip",
+              "--save_samples", samples, "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["captions"] == [CAPTIONS[i % 3] for i in range(5)]
     assert saved["seeds"] == [3, 4] and saved["sample_batch_size"] == 4
@@ -443,22 +448,29 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
     if family == "ar":  # flags given, the rest from the checkpoint's config.sampling
       assert sampling["top_k"] == 5 and sampling["temperature"] == 0.9
       assert sampling["guidance_scale"] == 2.0 and sampling["top_p"] == 1.0
-    else:
+    elif family == "diffusion":
       assert sampling["steps"] == 3 and sampling["guidance_scale"] == 3.0
       assert saved["settings"]["scheduler"]["num_train_timesteps"] == 100
+    else:
+      stage, = saved["settings"]["stages"]
+      assert stage["steps"] == 2 and stage["path"] == f"{m}/diffusion"
+      assert stage["scheduler"]["clip_sample"] and not stage["scheduler"]["thresholding"]
     with np.load(samples) as z:
       images = z["arr_0"]
     size = 32 if family == "ar" else 16
     assert images.shape == (5, size, size, 3) and images.dtype == np.uint8
     assert images.std() > 1  # not blank
-    fid = saved["scores"]["fid"]
-    assert fid["n"] == 5 and fid["real"]["kind"] == "stats" and fid["value"] > 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith(f"FID {fid['value']:.6f} CLIP score ")
-    assert "| scores.fid.value |" in (tmp_path / f"{family}.md").read_text()
-    ref = cli.main(["fid", "--real", f"{m}/ref.npz", "--fake", samples, *common,
-                    "--out", f"{m}/fid.json"])
-    assert fid["value"] == pytest.approx(ref["value"], rel=1e-6)
+    if family != "cascade":
+      fid = saved["scores"]["fid"]
+      assert fid["n"] == 5 and fid["real"]["kind"] == "stats" and fid["value"] > 0
+      assert lines[-1].startswith(f"FID {fid['value']:.6f} CLIP score ")
+      assert "| scores.fid.value |" in (tmp_path / f"{family}.md").read_text()
+      ref = cli.main(["fid", "--real", f"{m}/ref.npz", "--fake", samples, *common,
+                      "--out", f"{m}/fid.json"])
+      assert fid["value"] == pytest.approx(ref["value"], rel=1e-6)
+    else:
+      assert "fid" not in saved["scores"] and lines[-1].startswith("CLIP score ")
     (tmp_path / "used.txt").write_text("\n".join(saved["captions"]) + "\n")
     ref = cli.main(["clip_score", "--fake", samples, "--clip", f"{m}/clip",
                     "--captions", f"{m}/used.txt", "--out", f"{m}/cs.json"])
@@ -471,7 +483,6 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
 
 def test_generate_rejects_bad_inputs_before_loading(tmp_path):
   from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
-  from dalle_jax.evaluate import generate as gen_lib  # pylint: disable=g-import-not-at-top
   m = str(tmp_path)
   for d in ("model", "clip"):  # nothing is loaded before these errors
     (tmp_path / d).mkdir()
@@ -485,8 +496,10 @@ def test_generate_rejects_bad_inputs_before_loading(tmp_path):
            (["--family", "ar", "--num", "0"], "--num 0: must be >= 1"),
            (["--family", "diffusion", "--captions", f"{m}/none.txt"], "--captions .*no such file"),
            (["--family", "unclip", "--vqgan", m], "--vqgan applies to --family ar")]
-  if not gen_lib.cascade_available():
-    cases.append((["--family", "cascade"], "--family cascade: not available yet"))
+  cases += [(["--family", "diffusion", "--steps", "3,2"], "--steps 3,2: one value"),
+            (["--family", "cascade", "--eta", "x"], "--eta x: expected float"),
+            (["--family", "cascade", "--checkpoint", f"{m}/model,{m}/sr"],
+             "--checkpoint .*sr: no such directory")]
   for extra, msg in cases:
     with pytest.raises(SystemExit, match=msg):
       cli.main(base + extra + ["--out", f"{m}/x.json"])

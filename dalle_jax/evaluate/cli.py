@@ -9,6 +9,7 @@
   rfid       --real SRC --vqgan VQGAN --inception PTH            (FID of VQGAN reconstructions)
   zero_shot  --clip CLIP --data_dir D --dataset shapes ...       (dalle_jax.tools.zero_shot's metrics)
   generate   --family ar|diffusion|cascade|unclip (--workdir W | --checkpoint C) --captions FILE
+             (cascade: W or C lists the stages, base first: W1,W2[,W3])
              --num N [sampler flags] --score fid,clip_score --real REF [--clip CLIP]
              (samples the captions with the family's pipeline, scores the images in memory)
 
@@ -109,10 +110,10 @@ def build_parser():
   s.add_argument("--mesh", default="-1,1,1", metavar="DATA,FSDP,TENSOR",
                  help="the samplers' device mesh (default: data-parallel over all devices)")
   s.add_argument("--vqgan", default=None, help="ar: VQGAN override (default: config.vqgan)")
-  for flag, typ in gen_lib.ALL_SAMPLER_FLAGS.items():
+  for flag in gen_lib.ALL_SAMPLER_FLAGS:
     owners = "|".join(f for f, fl in gen_lib.SAMPLER_FLAGS.items() if flag in fl)
-    s.add_argument(f"--{flag}", type=typ, default=None,
-                   help=f"{owners} (default: the checkpoint's config.sampling)")
+    s.add_argument(f"--{flag}", default=None, help=f"{owners} (default: the checkpoint's "
+                   "config.sampling; cascade: one value or one per stage, comma-separated)")
   s.add_argument("--score", default="fid,clip_score", help="comma-separated: fid, clip_score")
   s.add_argument("--real", default=None, help="FID reference: statistics .npz, folder, .npz "
                                               "batch or DATASET:SPLIT")
@@ -370,14 +371,16 @@ def _check_generate(args):
     raise UsageError(f"--num {args.num}: must be >= 1")
   if args.sample_batch_size < 1:
     raise UsageError(f"--sample_batch_size {args.sample_batch_size}: must be >= 1")
-  flags = {k: getattr(args, k) for k in gen_lib.ALL_SAMPLER_FLAGS}
-  gen_lib.check_sampler_flags(args.family, flags)
+  args.sampler_flags = gen_lib.parse_sampler_flags(
+      args.family, {k: getattr(args, k) for k in gen_lib.ALL_SAMPLER_FLAGS})
+  gen_lib.check_sampler_flags(args.family, args.sampler_flags)
   if args.vqgan and args.family != "ar":
     raise UsageError(f"--vqgan applies to --family ar, not {args.family}")
   model = args.workdir or args.checkpoint
-  if not os.path.exists(model):
-    flag = "--workdir" if args.workdir else "--checkpoint"
-    raise FileNotFoundError(f"{flag} {model}: no such directory")
+  for path in model.split(",") if args.family == "cascade" else [model]:
+    if not os.path.exists(path):
+      flag = "--workdir" if args.workdir else "--checkpoint"
+      raise FileNotFoundError(f"{flag} {path}: no such directory")
   captions = _read_lines(args.captions, "--captions")
   if not captions:
     raise UsageError(f"--captions {args.captions}: no captions in the file")
@@ -407,11 +410,10 @@ def cmd_generate(args):
   if "fid" in scores:  # all of it: --num counts samples here, not reference images
     real = src_lib.open_source(args.real, "--real", args.data_dir, allow_stats=True)
   ext = info = clip = ref = None
-  result = {"metric": "generate", "family": args.family,
-            "model": os.path.abspath(args.workdir or args.checkpoint),
+  model = ",".join(os.path.abspath(p) for p in (args.workdir or args.checkpoint).split(","))
+  result = {"metric": "generate", "family": args.family, "model": model,
             "model_flag": "--workdir" if args.workdir else "--checkpoint"}
-  flags = {k: getattr(args, k) for k in gen_lib.ALL_SAMPLER_FLAGS}
-  sampler = gen_lib.load_sampler(args.family, result["model"], flags,
+  sampler = gen_lib.load_sampler(args.family, model, args.sampler_flags,
                                  mesh=ar_lib.mesh_from_flag(args.mesh), vqgan=args.vqgan)
   fid_info = {}
   if real is not None:

@@ -17,10 +17,10 @@ call k samples with seed `seed + k`; the last call is padded to B rows with its 
 sampler setting go into the result, so a run can be repeated exactly.
 
 Families: ar (dalle_jax.sampling.generate.Pipeline: AR transformer + VQGAN), diffusion
-(dalle_jax.sampling.diffusion.Pipeline), unclip (dalle_jax.sampling.unclip.UnclipPipeline);
-cascade when dalle_jax.sampling.cascade provides a pipeline.
+(dalle_jax.sampling.diffusion.Pipeline), cascade (dalle_jax.sampling.cascade.Cascade; the model
+path is the comma-separated stages, base first, and the sampler flags take one value for every
+stage or a comma list, one per stage), unclip (dalle_jax.sampling.unclip.UnclipPipeline).
 """
-import importlib.util
 import math
 import os
 
@@ -42,8 +42,10 @@ SAMPLER_FLAGS = {
                   "thresholding": str, "threshold_percentile": float},
     "unclip": {"prior_steps": int, "decoder_steps": int, "sr_steps": int,
                "prior_guidance_scale": float, "decoder_guidance_scale": float},
-    "cascade": {},
+    "cascade": {"sampler": str, "steps": int, "eta": float, "guidance_scale": float,
+                "noise_level": int, "thresholding": str, "threshold_percentile": float},
 }
+PER_STAGE = ("sampler", "steps", "eta", "guidance_scale", "noise_level")  # cascade comma lists
 ALL_SAMPLER_FLAGS = {k: t for flags in SAMPLER_FLAGS.values() for k, t in flags.items()}
 
 
@@ -51,22 +53,35 @@ class GenerateError(ValueError):
   pass
 
 
-def cascade_available():
-  return importlib.util.find_spec("dalle_jax.sampling.cascade") is not None
+def parse_sampler_flags(family, raw):
+  """Command-line strings -> typed values ({flag: str or None}); a cascade takes a comma list
+  (one value per stage, noise_level one per SR stage) where the others take one value."""
+  out = {}
+  for k, v in raw.items():
+    if v is None:
+      continue
+    typ = ALL_SAMPLER_FLAGS[k]
+    parts = [p.strip() for p in str(v).split(",")]
+    try:
+      vals = [typ(p) for p in parts]
+    except ValueError:
+      raise GenerateError(f"--{k} {v}: expected {typ.__name__} value(s)") from None
+    if len(vals) > 1 and not (family == "cascade" and k in PER_STAGE):
+      raise GenerateError(f"--{k} {v}: one value (comma lists are per stage of "
+                          "--family cascade)")
+    out[k] = vals if len(vals) > 1 else vals[0]
+  return out
 
 
 def check_sampler_flags(family, flags):
   """One-line GenerateError for a flag another family owns or an out-of-range value."""
   if family not in FAMILIES:
     raise GenerateError(f"--family {family!r}: choose {'|'.join(FAMILIES)}")
-  if family == "cascade" and not cascade_available():
-    raise GenerateError("--family cascade: not available yet (dalle_jax.sampling has no cascade "
-                        "pipeline); use ar, diffusion or unclip")
   for k, v in flags.items():
     if v is not None and k not in SAMPLER_FLAGS[family]:
       owners = [f for f, fl in SAMPLER_FLAGS.items() if k in fl]
       raise GenerateError(f"--{k} applies to --family {'|'.join(owners)}, not {family}")
-  v = flags.get
+  v = lambda k: None if isinstance(flags.get(k), list) else flags.get(k)  # stages: Cascade checks
   if v("top_k") is not None and v("top_k") < 0:
     raise GenerateError(f"--top_k {v('top_k')}: must be >= 0 (0 = off, 1 = greedy)")
   if v("top_p") is not None and not 0.0 < v("top_p") <= 1.0:
@@ -105,10 +120,12 @@ def _pick(flags, key, config_sampling, default):
 
 def load_sampler(family, path, flags=None, mesh=None, vqgan=None):
   """A FamilySampler for a workdir / imported checkpoint (`flags`: SAMPLER_FLAGS overrides)."""
-  flags = dict(flags or {})
+  flags = {k: v for k, v in (flags or {}).items() if v is not None}
   check_sampler_flags(family, flags)
-  if not os.path.exists(os.path.expanduser(path)):
-    raise FileNotFoundError(f"{path}: no such checkpoint or workdir")
+  paths = path.split(",") if family == "cascade" else [path]
+  for p in paths:
+    if not os.path.exists(os.path.expanduser(p)):
+      raise FileNotFoundError(f"{p}: no such checkpoint or workdir")
   if family == "ar":
     from dalle_jax.sampling import generate as ar_lib  # pylint: disable=g-import-not-at-top
     pipe = ar_lib.Pipeline.load(path, vqgan_path=vqgan, mesh=mesh)
@@ -150,11 +167,18 @@ def load_sampler(family, path, flags=None, mesh=None, vqgan=None):
     settings = {"sampling": kw}
     return FamilySampler(family, pipe, settings,
                          lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
-  # cascade: the library pipeline of dalle_jax.sampling.cascade
-  cascade_lib = importlib.import_module("dalle_jax.sampling.cascade")
-  pipe = cascade_lib.CascadePipeline.load(path, mesh=mesh)
-  return FamilySampler(family, pipe, {"sampling": {}},
-                       lambda caps, seed: pipe.generate(caps, 1, seed))
+  # cascade: base + super-resolution stages (comma-separated paths)
+  from dalle_jax.sampling import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
+  pipe = cascade_lib.Cascade.load(paths, mesh=mesh)
+  kw = {k: flags.get(k) for k in PER_STAGE + ("threshold_percentile",)}
+  kw["thresholding"] = flags.get("thresholding", "dynamic")
+  stages = pipe.settings(**kw)  # every stage's value resolved and checked
+  settings = {"sampling": kw, "stages": [
+      dict(path=st.path, size=st.size, sampler=c["sampler"], steps=c["steps"], eta=c["eta"],
+           guidance_scale=c["guidance_scale"], noise_level=c["noise_level"],
+           scheduler=c["sched"].to_dict()) for st, c in zip(pipe.stages, stages)]}
+  return FamilySampler(family, pipe, settings,
+                       lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
 
 
 class ArraySource:
