@@ -183,3 +183,67 @@ def test_imported_checkpoint_in_a_bucket(bucket):
   got = ckpt_lib.load_params("gs://bucket/imported", target, include="wi")
   np.testing.assert_array_equal(np.asarray(got["wi"]["kernel"]), params["wi"]["kernel"])
   np.testing.assert_array_equal(np.asarray(got["wo"]["kernel"]), -np.ones((4, 2)))
+
+
+def test_model_loaders_and_tokenizers_read_a_bucket(bucket, tmp_path):
+  """models.loader (check/load, one-line errors naming the gs:// path), the diffusion
+  Pipeline.load and every tokenizer kind read straight from gs:// paths."""
+  import ml_collections
+  import transformers
+  from configs import diffusion as diffusion_configs
+  from dalle_jax.data import tokenizers as tk
+  from dalle_jax.models import loader
+  from dalle_jax.sampling import diffusion as diffusion_sampling
+
+  config = toy_task.get_config()
+  config.family = "vqgan"
+  params = {"wi": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+  ckpt_lib.save_imported("gs://bucket/vq", config, {"params": params})
+  assert loader.check("gs://bucket/vq", "vqgan", flag="--vqgan").family == "vqgan"
+  _, variables = loader.load("gs://bucket/vq", "vqgan", flag="--vqgan")
+  np.testing.assert_array_equal(np.asarray(variables["params"]["wi"]["kernel"]),
+                                params["wi"]["kernel"])
+  with pytest.raises(loader.ModelNotFoundError, match=r"^--vqgan gs://bucket/nope: no such"):
+    loader.check("gs://bucket/nope", "vqgan", flag="--vqgan")
+  with pytest.raises(loader.ModelPathError, match=r"^--clip gs://bucket/vq: a 'vqgan' model"):
+    loader.check("gs://bucket/vq", "clip", flag="--clip")
+  epath.Path("gs://bucket/run/checkpoints").mkdir(parents=True)
+  epath.Path("gs://bucket/run/config.json").write_text(config.to_json())
+  with pytest.raises(loader.ModelPathError, match="gs://bucket/run: a training workdir without"):
+    loader.check("gs://bucket/run", "vqgan")
+
+  dconfig = diffusion_configs.get_config("ddpm_cifar10")  # unconditional: no tokenizer
+  unet = {"unet": {"conv_in": {"kernel": np.ones((3, 3, 3, 4), np.float32)}}}
+  ckpt_lib.save_imported("gs://bucket/diffusion", dconfig, {"params": unet})
+  pipe = diffusion_sampling.Pipeline.load("gs://bucket/diffusion")
+  np.testing.assert_array_equal(np.asarray(pipe.params["unet"]["conv_in"]["kernel"]),
+                                unet["unet"]["conv_in"]["kernel"])
+
+  # Tokenizers: a local original against the same files read from the bucket.
+  vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+  vocab.update((c, len(vocab) + i) for i, c in enumerate("Ġabcdefghijklmnopqrstuvwxyz"))
+  merges = [("Ġ", "r"), ("Ġr", "e"), ("Ġre", "d")]
+  vocab.update((a + b, len(vocab) + i) for i, (a, b) in enumerate(merges))
+  local_hf = str(tmp_path / "hf")
+  transformers.BartTokenizer(vocab=vocab, merges=merges).save_pretrained(local_hf)
+  local_bpe = tmp_path / "bpe"  # min-dalle's files
+  local_bpe.mkdir()
+  (local_bpe / "vocab.json").write_text(json.dumps(vocab))
+  (local_bpe / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  for name, local in (("hf", local_hf), ("bpe", str(local_bpe))):
+    paths.copy(local, f"gs://bucket/{name}")
+  captions = [f"a {c} circle on a red background" for c in ("red", "blue", "green")]
+  tk.train_sentencepiece(captions * 4, "gs://bucket/t5/spiece.model", vocab_size=40,
+                         lowercase=False)
+  assert (bucket / "bucket" / "t5" / "spiece.model").is_file()
+  paths.copy("gs://bucket/t5", str(tmp_path / "t5"))
+  texts = ["a red one", "", "green circle on red"]
+  for kind, remote, local in (("hf", "gs://bucket/hf", local_hf),
+                              ("bart_bpe", "gs://bucket/bpe", str(local_bpe)),
+                              ("t5", "gs://bucket/t5", str(tmp_path / "t5"))):
+    cfg = lambda p: ml_collections.ConfigDict(dict(tokenizer=kind, path=p, vocab_size=0,
+                                                   max_len=8, lowercase=False))
+    want = tk.get_tokenizer(cfg(local)).encode(texts)
+    got = tk.get_tokenizer(cfg(remote)).encode(texts)
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)

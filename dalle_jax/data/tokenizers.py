@@ -27,6 +27,9 @@ import re
 import threading
 
 import numpy as np
+from etils import epath
+
+from dalle_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -213,16 +216,18 @@ class SentencePieceTokenizer(Tokenizer):
 def _read_bytes(path, what):
   if not path:
     raise ValueError(f"no {what} path given")
-  from etils import epath  # pylint: disable=g-import-not-at-top  (local and gs:// paths)
-  p = epath.Path(path)
+  p = epath.Path(path)  # local or gs:// (paths)
   if not p.exists():
     raise FileNotFoundError(f"{what} not found: {path}")
   return p.read_bytes()
 
 
 def _write_bytes_atomic(path, data):
-  from etils import epath  # pylint: disable=g-import-not-at-top
   p = epath.Path(path)
+  if paths.is_remote(p):  # an object appears whole when its upload completes
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return
   p.parent.mkdir(parents=True, exist_ok=True)
   # Unique temp name + rename: concurrent processes (or the pipeline's read
   # threads) training the same deterministic model never see a half-written file.
@@ -290,8 +295,9 @@ class HFTokenizer(Tokenizer):
   def __init__(self, local_dir, lowercase=False, collapse_whitespace=False, max_len=None):
     super().__init__(lowercase=lowercase, collapse_whitespace=collapse_whitespace,
                      max_len=max_len)
-    if not os.path.isdir(local_dir):
+    if not epath.Path(local_dir).is_dir():
       raise FileNotFoundError(f"Hugging Face tokenizer directory not found: {local_dir}")
+    local_dir = paths.local_copy(local_dir)  # transformers reads local files only
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     try:
       self.hf = AutoTokenizer.from_pretrained(local_dir, local_files_only=True)
@@ -394,22 +400,21 @@ class BartBPETokenizer(Tokenizer):
   def from_files(cls, vocab_json, merges_txt, **kw):
     """Reads min-dalle's / BART's vocab.json and merges.txt."""
     for p in (vocab_json, merges_txt):
-      if not os.path.isfile(p):
+      if not epath.Path(p).is_file():
         raise FileNotFoundError(f"BART BPE file not found: {p}")
-    with open(vocab_json, encoding="utf-8") as f:
-      try:
-        vocab = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{vocab_json}: not valid JSON ({e})") from e
-    with open(merges_txt, encoding="utf-8") as f:
-      lines = f.read().split("\n")
+    try:
+      vocab = json.loads(epath.Path(vocab_json).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{vocab_json}: not valid JSON ({e})") from e
+    lines = epath.Path(merges_txt).read_text(encoding="utf-8").split("\n")
     # A '#version' header and blank lines are not merges.
     merges = [l for i, l in enumerate(lines) if l and not (i == 0 and l.startswith("#version"))]
     return cls(vocab, merges, **kw)
 
   @classmethod
   def from_dir(cls, path, **kw):
-    return cls.from_files(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"), **kw)
+    path = epath.Path(path)
+    return cls.from_files(path / "vocab.json", path / "merges.txt", **kw)
 
   def _bpe(self, word):
     cached = self._cache.get(word)
@@ -470,11 +475,12 @@ def t5_tokenizer(path, max_len=None):
   too except that special-token strings written inside a text ("</s>",
   "<extra_id_0>") are spelled out instead of mapped to their ids.
   """
-  model = path if os.path.isfile(path) else os.path.join(path, "spiece.model")
-  if os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+  p = epath.Path(path)  # local or gs://
+  model = p if p.is_file() else p / "spiece.model"
+  if p.is_dir() and (p / "tokenizer.json").is_file():
     tok = HFTokenizer(path, lowercase=False, max_len=max_len)
-  elif os.path.isfile(model):
-    tok = SentencePieceTokenizer(model, lowercase=False, add_bos=False, add_eos=True,
+  elif model.is_file():
+    tok = SentencePieceTokenizer(os.fspath(model), lowercase=False, add_bos=False, add_eos=True,
                                  collapse_whitespace=False, max_len=max_len)
   else:
     raise FileNotFoundError(f"T5 tokenizer {path}: no tokenizer.json or spiece.model")
@@ -560,7 +566,6 @@ def get_tokenizer(text_cfg, data_cfg=None, base_dir=None):
         raise ValueError("text.path is empty and no data config was given to train a "
                          "SentencePiece tokenizer on; set config.text.path")
       path = cached_sentencepiece_path(text_cfg, data_cfg)
-      from etils import epath  # pylint: disable=g-import-not-at-top
       if epath.Path(path).exists():
         log.info("using cached SentencePiece tokenizer %s", path)
         tok = SentencePieceTokenizer(path, lowercase=lowercase, max_len=max_len, **ws)
@@ -586,9 +591,9 @@ def get_tokenizer(text_cfg, data_cfg=None, base_dir=None):
     if not path:
       raise ValueError("text.tokenizer='bart_bpe' needs text.path: a directory with "
                        "vocab.json and merges.txt")
-    if os.path.isfile(path):  # path to vocab.json: merges.txt beside it
-      path = os.path.dirname(path)
-    if not os.path.isdir(path):
+    if epath.Path(path).is_file():  # path to vocab.json: merges.txt beside it
+      path = os.fspath(epath.Path(path).parent)
+    if not epath.Path(path).is_dir():
       raise FileNotFoundError(f"BART BPE tokenizer directory not found: {path}")
     tok = BartBPETokenizer.from_dir(path, max_len=max_len, **ws)
   else:

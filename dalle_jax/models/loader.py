@@ -19,13 +19,13 @@ Shapes: B batch, H/W image size, h/w code grid (H/f, W/f for a VQGAN of factor f
 """
 import functools
 import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dalle_jax import paths
 from dalle_jax.convert import hf_clip
 from dalle_jax.models.vqgan import vqgan_from_config
 from dalle_jax.train import checkpoint
@@ -60,14 +60,14 @@ def check(path, family, flag=""):
   what = _WHAT.get(family, f"a {family} model")
   if not path:
     _fail(flag, "''", f"empty path (expected {what})")
-  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-  if not os.path.exists(path):
+  path = paths.resolve(path)  # local or gs:// (never mangled by os.path)
+  if not path.exists():
     _fail(flag, path, f"no such directory (expected {what})", ModelNotFoundError)
-  if not os.path.isdir(path):
+  if not path.is_dir():
     _fail(flag, path, f"not a directory (expected {what})")
-  if family == "clip" and hf_clip.is_hf_clip_dir(path):
+  if family == "clip" and _is_hf_clip_dir(path):
     try:
-      return hf_clip.config_from_hf(hf_clip.read_hf_config(path), path)
+      return hf_clip.config_from_hf(hf_clip.read_hf_config(str(path)), str(path))
     except (OSError, ValueError, KeyError) as e:
       _fail(flag, path, f"unreadable Hugging Face CLIP config ({e})")
   try:
@@ -79,9 +79,9 @@ def check(path, family, flag=""):
   found = config.get("family")
   if found != family:
     _fail(flag, path, f"a {found!r} model (config.family), expected {what}")
-  if not os.path.isdir(os.path.join(path, "variables")):
-    ckpts = os.path.join(path, "checkpoints")
-    steps = [d for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  if not (path / "variables").is_dir():
+    ckpts = path / "checkpoints"
+    steps = [d.name for d in ckpts.iterdir() if d.name.isdigit()] if ckpts.is_dir() else []
     if not steps:
       _fail(flag, path, "a training workdir without checkpoints (train it first, or pass an "
                         "imported checkpoint directory)")
@@ -92,10 +92,15 @@ def load(path, family, flag="", params_target=None):
   """(config, variables) of a checked `family` model (see `checkpoint.load_model`;
   params_target restores straight into shards)."""
   check(path, family, flag)
-  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-  if family == "clip" and hf_clip.is_hf_clip_dir(path):
-    return hf_clip.load_hf_clip(path)
+  path = paths.resolve(path)
+  if family == "clip" and _is_hf_clip_dir(path):
+    return hf_clip.load_hf_clip(str(path))
   return checkpoint.load_model(path, params_target=params_target)
+
+
+def _is_hf_clip_dir(path):
+  # Hugging Face directories are read from local disk only (their readers open files).
+  return not paths.is_remote(path) and hf_clip.is_hf_clip_dir(str(path))
 
 
 # --- VQGAN ---------------------------------------------------------------------------
