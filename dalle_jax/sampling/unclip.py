@@ -42,6 +42,7 @@ from dalle_jax.data import images as images_lib
 from dalle_jax.data.tokenizers import get_tokenizer
 from dalle_jax.diffusion import cascade
 from dalle_jax.diffusion import guidance as guidance_lib
+from dalle_jax.diffusion import interpolation
 from dalle_jax.diffusion import samplers
 from dalle_jax.diffusion import schedule as schedule_lib
 from dalle_jax.models import clip as clip_lib
@@ -50,6 +51,7 @@ from dalle_jax.models import unclip as unclip_lib
 from dalle_jax.models import unet as unet_lib
 from dalle_jax.sampling import diffusion as diffusion_sampling
 from dalle_jax.sampling import generate
+from dalle_jax.sampling import rerank
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,48 @@ def stage_keys(seed):
   root = jax.random.PRNGKey(seed)
   return {s: (jax.random.fold_in(root, k), jax.random.fold_in(root, 3 + k))
           for k, s in enumerate(STAGES)}
+
+
+def _known_kwargs(known):
+  return {} if known is None else {"known_x0": known["x0"], "known_mask": known["mask"]}
+
+
+def _known_at(known, size):
+  """An inpainting target at another resolution: the image resized (antialiased), the mask
+  kept only where every covered pixel is kept (nearest would leak the edited region)."""
+  x0, mask = np.asarray(known["x0"], np.float32), np.asarray(known["mask"], np.float32)
+  if x0.shape[1] == size:
+    return {"x0": x0, "mask": mask}
+  x0 = np.asarray(images_lib.resize_and_crop_float(x0, size, size))
+  b, h, w, _ = mask.shape
+  if h % size or w % size:
+    raise SamplingError(f"the edit's size {h}x{w} is not a multiple of the decoder's {size}")
+  m = mask.reshape(b, size, h // size, size, w // size, 1).min(axis=(2, 4))
+  return {"x0": x0, "mask": m}
+
+
+def prior_sampler(prior, sched, steps, guidance_scale=4.0, sampler="unclip", progress=None):
+  """fn(variables, cond, uncond, x_T (B, E), rng) -> CLIP image embeddings (B, E), jittable.
+
+  variables: the prior's {'params', 'clip_stats'}; cond / uncond: {'embed' (B, E), 'states'
+  (B, S, C), 'mask' (B, S)} of the captions and of the empty caption (guidance's
+  unconditional half; unused when guidance_scale is 1). The sampler runs in the prior's
+  normalised space (x0-predictions processed as `sched` says: Karlo clips to +-5) and the
+  result is denormalised with the variables' clip_stats. Shared by the pipeline and by
+  whoever samples a trained prior (tests/test_prior.py's learning check)."""
+  guided = guidance_scale != 1.0
+
+  def fn(variables, cond, uncond, x, rng):
+    def apply(x_b, t_b):
+      c = (jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond) if guided
+           else cond)
+      return prior.apply(variables, x_b, t_b, c["embed"], c["states"], c["mask"])
+    model_fn = (guidance_lib.classifier_free_guidance(apply, guidance_scale) if guided
+                else apply)
+    x0 = samplers.sample(model_fn, sched, x, sampler=sampler, steps=steps, rng=rng,
+                         progress=progress)
+    return prior_lib.denormalize(variables[prior_lib.STATS], x0)
+  return fn
 
 
 class UnclipPipeline:
@@ -105,6 +149,7 @@ class UnclipPipeline:
     if mesh is not None:
       self.clip_stats = jax.device_put(self.clip_stats, parallel.replicated(mesh))
     self._tokenizer = None
+    self.image_encoder = None  # attach_image_encoder: image inputs
     self._compiled = {}
     self._bar = None
 
@@ -287,20 +332,8 @@ class UnclipPipeline:
   def sample_prior(self, cond, uncond, x_T, rng, steps=25, guidance_scale=4.0, progress=False):
     """CLIP image embeddings (B, E) (denormalised) for the captions' rows."""
     sched, n = self.scheds["prior"], len(x_T)
-    guided = guidance_scale != 1.0
-    prior = self.prior
-
-    def fn(variables, cond, uncond, x, rng):
-      def apply(x_b, t_b):
-        c = (jax.tree.map(lambda a, b: jnp.concatenate([a, b]), cond, uncond) if guided
-             else cond)
-        return prior.apply(variables, x_b, t_b, c["embed"], c["states"], c["mask"])
-      model_fn = (guidance_lib.classifier_free_guidance(apply, guidance_scale) if guided
-                  else apply)
-      x0 = samplers.sample(model_fn, sched, x, sampler="unclip", steps=steps, rng=rng,
-                           progress=self._tick if progress else None)
-      return prior_lib.denormalize(variables[prior_lib.STATS], x0)
-
+    fn = prior_sampler(self.prior, sched, steps, guidance_scale,
+                       progress=self._tick if progress else None)
     key = ("prior", steps, float(guidance_scale), progress)
     call = self._jit(key, fn, 3)
     variables = {"params": self.params["prior"], prior_lib.STATS: self.clip_stats}
@@ -316,13 +349,15 @@ class UnclipPipeline:
 
   # --- 3-4. decoder + super-resolution ----------------------------------------------------
   def decode(self, image_embed, cond, uncond, x_T, rng, steps=25, guidance_scale=8.0,
-             progress=False):
-    """The decoder stage: (B, h, w, C) in [-1, 1] from image embeddings (B, E)."""
+             progress=False, sampler="unclip", known=None):
+    """The decoder stage: (B, h, w, C) in [-1, 1] from image embeddings (B, E).
+    sampler: "unclip" (Karlo's ancestral) or "ddim" (eta 0: deterministic in x_T).
+    known: None or {'x0' (B, h, w, C), 'mask' (B, h, w, 1) 1 = keep}: inpainting."""
     sched, n = self.scheds["decoder"], len(x_T)
     guided = guidance_scale != 1.0
     decoder = self.decoder
 
-    def fn(params, image_embed, cond, uncond, x, rng):
+    def fn(params, image_embed, cond, uncond, known, x, rng):
       b = image_embed.shape[0]
       if guided:
         c = jax.tree.map(lambda a, u: jnp.concatenate([a, u]), cond, uncond)
@@ -337,29 +372,32 @@ class UnclipPipeline:
       model_fn = (guidance_lib.classifier_free_guidance(apply, guidance_scale,
                                                         learned_variance=sched.learned_variance)
                   if guided else apply)
-      out = samplers.sample(model_fn, sched, x, sampler="unclip", steps=steps, rng=rng,
-                            progress=self._tick if progress else None)
+      out = samplers.sample(model_fn, sched, x, sampler=sampler, steps=steps, rng=rng,
+                            progress=self._tick if progress else None,
+                            **_known_kwargs(known))
       return jnp.clip(out, -1.0, 1.0)
 
-    key = ("decoder", steps, float(guidance_scale), progress)
-    call = self._jit(key, fn, 4)
-    image_embed, cond, uncond, x_T = self._pad((np.asarray(image_embed, np.float32), cond, uncond,
-                                                x_T), n)
+    key = ("decoder", steps, float(guidance_scale), progress, sampler, known is None)
+    call = self._jit(key, fn, 5)
+    image_embed, cond, uncond, known, x_T = self._pad(
+        (np.asarray(image_embed, np.float32), cond, uncond, known, x_T), n)
     if progress:
       self._progress(steps, f"decoder {steps} steps, {n} images")
     try:
       with self._ctx():
-        out = call(self.params["decoder"], image_embed, cond, uncond, x_T, rng)
+        out = call(self.params["decoder"], image_embed, cond, uncond, known, x_T, rng)
       return parallel.to_host(out)[:n]
     finally:
       self._close_bar()
 
-  def super_resolve(self, small, x_T, rng, steps=7, progress=False):
-    """The super-resolution stage: (B, H, W, C) from the decoder's (B, h, w, C) in [-1, 1]."""
+  def super_resolve(self, small, x_T, rng, steps=7, progress=False, sampler="unclip",
+                    known=None):
+    """The super-resolution stage: (B, H, W, C) from the decoder's (B, h, w, C) in [-1, 1]
+    (sampler and known as for `decode`, at this stage's size)."""
     sched, n = self.scheds["super_res"], len(x_T)
     first, last, size = self.sr_first, self.sr_last, self.sr_size
 
-    def fn(params, small, x, rng):
+    def fn(params, small, known, x, rng):
       up = cascade.upsample_bicubic(small, size)
 
       def model_fn(x_b, t_b):
@@ -368,31 +406,35 @@ class UnclipPipeline:
         return jax.lax.cond(t_b[0] == 0,
                             lambda: last.apply({"params": params["super_res_last"]}, inp, t_b),
                             lambda: first.apply({"params": params["super_res_first"]}, inp, t_b))
-      return samplers.sample(model_fn, sched, x, sampler="unclip", steps=steps, rng=rng,
-                             progress=self._tick if progress else None)
+      return samplers.sample(model_fn, sched, x, sampler=sampler, steps=steps, rng=rng,
+                             progress=self._tick if progress else None, **_known_kwargs(known))
 
-    key = ("super_res", steps, progress)
-    call = self._jit(key, fn, 2)
+    key = ("super_res", steps, progress, sampler, known is None)
+    call = self._jit(key, fn, 3)
     params = {k: self.params[k] for k in ("super_res_first", "super_res_last")}
-    small, x_T = self._pad((np.asarray(small, np.float32), x_T), n)
+    small, known, x_T = self._pad((np.asarray(small, np.float32), known, x_T), n)
     if progress:
       self._progress(steps, f"super-resolution {steps} steps, {n} images")
     try:
       with self._ctx():
-        out = call(params, small, x_T, rng)
+        out = call(params, small, known, x_T, rng)
       return parallel.to_host(out)[:n]
     finally:
       self._close_bar()
 
   def decode_from_image_embeddings(self, image_embed, cond, uncond, noise, rngs, *,
                                    decoder_steps=25, sr_steps=7, decoder_guidance_scale=8.0,
-                                   progress=False):
+                                   progress=False, sampler="unclip", known=None):
     """Stages 3-4 from CLIP image embeddings (B, E): float images (B, H, W, C) in about
     [-1, 1]. noise: {'decoder', 'super_res'} x_T; rngs: {'decoder', 'super_res'} step rngs.
-    (Variations, interpolations and text diffs enter here with embeddings of their own.)"""
+    sampler: both stages' ("unclip" | "ddim"); known: None or {'x0' (B, H, W, C) at the
+    super-resolution size, 'mask' (B, H, W, 1) 1 = keep}: inpainting at both stages.
+    (Variations, interpolations, text diffs and edits enter here with embeddings of their own.)"""
     small = self.decode(image_embed, cond, uncond, noise["decoder"], rngs["decoder"],
-                        decoder_steps, decoder_guidance_scale, progress)
-    return self.super_resolve(small, noise["super_res"], rngs["super_res"], sr_steps, progress)
+                        decoder_steps, decoder_guidance_scale, progress, sampler,
+                        None if known is None else _known_at(known, self.decoder_size))
+    return self.super_resolve(small, noise["super_res"], rngs["super_res"], sr_steps, progress,
+                              sampler, known)
 
   def generate(self, prompts, num_images=1, seed=0, *, prior_steps=25, decoder_steps=25,
                sr_steps=7, prior_guidance_scale=4.0, decoder_guidance_scale=8.0, latents=None,
@@ -416,16 +458,191 @@ class UnclipPipeline:
     return x if return_float else images_lib.to_uint8(x)
 
 
+  # --- image inputs: variations, interpolations, text diffs, edits ----------------------
+  def attach_image_encoder(self, clip, flag="--clip"):
+    """The CLIP whose image tower embeds input images (Karlo's checkpoint has none: its
+    ViT-L/14, e.g. an imported HF CLIP). Its embedding width must be the prior's."""
+    enc = rerank.get_encoder(clip, flag=flag)
+    e = int(enc.config.model.embed_dim)
+    if e != self.prior.embed_dim:
+      raise SamplingError(f"{flag} {clip}: its CLIP embeddings are {e}-d but this unCLIP's prior "
+                          f"and decoder use {self.prior.embed_dim}-d ones")
+    self.image_encoder = enc
+    return enc
+
+  def embed_images(self, images):
+    """Raw (unnormalised) CLIP image embeddings (N, E) of uint8 / [-1, 1] images, any size."""
+    if self.image_encoder is None:
+      raise SamplingError("image inputs need a CLIP image tower: pass --clip (the CLIP the "
+                          "unCLIP was trained with, e.g. Karlo's ViT-L/14)")
+    return self.image_encoder.encode_images(images, normalize=False)
+
+  def empty_condition(self, n):
+    """The empty caption's rows (n of them): the decoder's caption input when it decodes an
+    image embedding alone (as UnCLIPImageVariationPipeline does), both halves of guidance."""
+    ids, mask = self.tokenize([""])
+    emb, states = self.encode_text(ids, mask)
+    return {"embed": np.repeat(emb, n, 0), "states": np.repeat(states, n, 0),
+            "mask": np.repeat(mask, n, 0)}
+
+  def _from_embeddings(self, image_embed, noise, seed, settings, cond=None, known=None):
+    rngs = {s: k[1] for s, k in stage_keys(seed).items()}
+    n = len(image_embed)
+    uncond = self.empty_condition(n)
+    x = self.decode_from_image_embeddings(
+        image_embed, uncond if cond is None else cond, uncond, noise, rngs,
+        decoder_steps=settings["decoder_steps"], sr_steps=settings["sr_steps"],
+        decoder_guidance_scale=float(settings["decoder_guidance_scale"]),
+        progress=settings.get("progress", False), sampler=settings.get("sampler", "unclip"),
+        known=known)
+    return x
+
+  def _settings(self, kw):
+    s = dict(self.config.get("sampling") or {})
+    out = {k: kw.get(k) if kw.get(k) is not None else s.get(k, d)
+           for k, d in (("decoder_steps", 25), ("sr_steps", 7), ("decoder_guidance_scale", 8.0),
+                        ("prior_steps", 25), ("prior_guidance_scale", 4.0))}
+    out["sampler"] = kw.get("sampler") or "unclip"
+    out["progress"] = kw.get("progress", False)
+    if out["sampler"] not in ("unclip", "ddim"):
+      raise SamplingError(f"--sampler {out['sampler']!r}: choose unclip|ddim")
+    self.check(["-"], 1, {"prior": out["prior_steps"], "decoder": out["decoder_steps"],
+                          "super_res": out["sr_steps"]},
+               {"prior": out["prior_guidance_scale"], "decoder": out["decoder_guidance_scale"]})
+    return out
+
+  def _noise(self, seed, n, latents, shared):
+    """Stage x_T for n rows; shared: one draw (the seed's first row) for every row."""
+    if not shared:
+      return self.initial_noise(seed, n, latents)
+    one = self.initial_noise(seed, 1, latents)
+    return {k: np.repeat(v, n, 0) for k, v in one.items()}
+
+  def variations(self, image, num_images=4, seed=0, latents=None, **kw):
+    """Decodes an image's CLIP embedding num_images times: float (num_images, H, W, 3)."""
+    settings = self._settings(kw)
+    emb = self.embed_images(_batch_of_one(image))
+    return self._from_embeddings(np.repeat(emb, num_images, 0),
+                                 self.initial_noise(seed, num_images, latents), seed, settings)
+
+  def interpolate(self, image_a, image_b, frames=5, seed=0, latents=None, **kw):
+    """Frames decoded from slerp(embedding A, embedding B, t), t = 0 .. 1, with every stage's
+    x_T held fixed and DDIM (deterministic): float (frames, H, W, 3). Frame 0 is A's
+    variation, the last B's (from the same x_T)."""
+    _check_frames(frames)
+    kw = dict(kw, sampler=kw.get("sampler") or "ddim")
+    settings = self._settings(kw)
+    ea, eb = self.embed_images(np.concatenate([_batch_of_one(image_a), _batch_of_one(image_b)]))
+    t = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None]
+    emb = np.asarray(interpolation.slerp(ea[None], eb[None], t))
+    return self._from_embeddings(emb, self._noise(seed, frames, latents, True), seed, settings)
+
+  def text_diff(self, image, from_caption, to_caption, frames=5, seed=0, max_angle=0.5,
+                latents=None, **kw):
+    """DALL·E 2's text diffs: the image's embedding z_i rotated towards the text difference
+    z_d = z_t(to) - z_t(from) (scaled to |z_i|): frames at slerp(z_i, z_d, a) for a = 0 ..
+    max_angle, x_T held fixed, DDIM. Frame 0 is the image's variation. (frames, H, W, 3)."""
+    _check_frames(frames)
+    for flag, c in (("from", from_caption), ("to", to_caption)):
+      if not isinstance(c, str) or not c.strip():
+        raise SamplingError(f"--text_diff: the {flag} caption is empty")
+    kw = dict(kw, sampler=kw.get("sampler") or "ddim")
+    settings = self._settings(kw)
+    z_i = self.embed_images(_batch_of_one(image))[0]
+    ids, mask = self.tokenize([from_caption, to_caption])
+    z_t, _ = self.encode_text(ids, mask)
+    z_d = z_t[1] - z_t[0]
+    if not np.linalg.norm(z_d) > 0:
+      raise SamplingError("--text_diff: both captions have the same CLIP embedding")
+    z_d = z_d * (np.linalg.norm(z_i) / np.linalg.norm(z_d))
+    a = np.linspace(0.0, max_angle, frames, dtype=np.float32)[:, None]
+    emb = np.asarray(interpolation.slerp(z_i[None], z_d[None], a))
+    return self._from_embeddings(emb, self._noise(seed, frames, latents, True), seed, settings)
+
+  def edit(self, image, mask, prompt, num_images=4, seed=0, latents=None, **kw):
+    """DALL·E 2's edits: the prompt's prior embedding decoded with the image's kept region
+    (mask 0 / black) imposed at every step of both stages, so it comes back exactly; the
+    masked region (nonzero / white) is generated. image uint8 (H, W, 3), mask (H, W) or
+    (H, W, C) of the same size. Float (num_images, H', W', 3) at the output size."""
+    settings = self._settings(kw)
+    known = self.edit_target(image, mask)
+    cond, uncond = self.condition([prompt], num_images)
+    noise = self.initial_noise(seed, num_images, latents)
+    rngs = {s: k[1] for s, k in stage_keys(seed).items()}
+    emb = self.sample_prior(cond, uncond, noise["prior"], rngs["prior"], settings["prior_steps"],
+                            float(settings["prior_guidance_scale"]), settings["progress"])
+    known = {k: np.repeat(v, num_images, 0) for k, v in known.items()}
+    return self._from_embeddings(emb, noise, seed, settings, cond=cond, known=known)
+
+  def edit_target(self, image, mask):
+    """{'x0' (1, H, W, 3) in [-1, 1], 'mask' (1, H, W, 1) 1 = keep} at the output size."""
+    image, mask = np.asarray(image), np.asarray(mask)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+      raise SamplingError(f"--edit image: expected uint8 (H, W, 3), got {image.dtype} "
+                          f"{image.shape}")
+    if mask.shape[:2] != image.shape[:2]:
+      raise SamplingError(f"--mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                          f"{image.shape[1]}x{image.shape[0]}: they must be the same size")
+    m = (mask.reshape(mask.shape[:2] + (-1,)).max(-1) > 127).astype(np.uint8) * 255
+    size = self.sr_size
+    img = images_lib.resize_and_crop(image, size)
+    keep = images_lib.resize_and_crop(np.repeat(m[..., None], 3, -1), size)[..., :1] <= 127
+    if keep.all():
+      raise SamplingError("--mask marks nothing to edit (white = regenerate, black = keep)")
+    return {"x0": images_lib.to_float(img[None]).astype(np.float32),
+            "mask": keep[None].astype(np.float32)}
+
+
+def _batch_of_one(image):
+  image = np.asarray(image)
+  return image[None] if image.ndim == 3 else image
+
+
+def _check_frames(frames):
+  if not isinstance(frames, (int, np.integer)) or frames < 2:
+    raise SamplingError(f"--frames {frames}: must be an integer >= 2")
+
+
+def read_image(path, flag):
+  """uint8 (H, W, 3) of an image file, or a one-line SamplingError naming the flag."""
+  if not path or not os.path.isfile(path):
+    raise SamplingError(f"{flag} {path}: file not found")
+  try:
+    with open(path, "rb") as f:
+      return images_lib.decode(f.read())
+  except (OSError, ValueError) as e:
+    raise SamplingError(f"{flag} {path}: unreadable image ({e})") from None
+
+
 # --- command line (sample.py --method unclip) -------------------------------------------
 
 def _parser():
   import argparse  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="sample.py --method unclip",
-                              description="Text -> images with unCLIP (an imported Karlo).")
+                              description="Text -> images with unCLIP (an imported Karlo), and "
+                                          "its image modes: variations, interpolations, text "
+                                          "diffs, edits.")
   p.add_argument("--checkpoint", required=True, help="checkpoint from `convert karlo`")
-  p.add_argument("--prompt", action="append", default=[], help="repeatable")
-  p.add_argument("--num_images", type=int, default=4, help="samples per prompt")
+  p.add_argument("--prompt", action="append", default=[], help="repeatable (text -> image, --edit)")
+  p.add_argument("--num_images", type=int, default=4, help="samples per prompt / variations")
   p.add_argument("--seed", type=int, default=0)
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument("--variations", metavar="IMAGE", default=None,
+                    help="decode the image's CLIP image embedding --num_images times")
+  mode.add_argument("--interpolate", nargs=2, metavar=("IMAGE_A", "IMAGE_B"), default=None,
+                    help="--frames images along the slerp of the two images' embeddings")
+  mode.add_argument("--text_diff", nargs=2, metavar=("FROM", "TO"), default=None,
+                    help="move --image along the CLIP text difference FROM -> TO (--frames)")
+  mode.add_argument("--edit", metavar="IMAGE", default=None,
+                    help="inpaint IMAGE's --mask region (white = regenerate) from --prompt")
+  p.add_argument("--image", default=None, help="--text_diff's image")
+  p.add_argument("--mask", default=None, help="--edit's mask (same size as the image)")
+  p.add_argument("--frames", type=int, default=5, help="--interpolate / --text_diff frames")
+  p.add_argument("--clip", default=None,
+                 help="CLIP with the image tower that embeds input images (the one the unCLIP "
+                      "was trained with: workdir, imported checkpoint or HF dir)")
+  p.add_argument("--rerank_with", default=None, help="CLIP to rerank text -> image / edits")
+  p.add_argument("--rerank_top", type=int, default=0, help="keep the K best per prompt")
   for flag, what in (("prior_steps", "prior"), ("decoder_steps", "decoder"),
                      ("sr_steps", "super-resolution")):
     p.add_argument(f"--{flag}", type=int, default=None,
@@ -444,13 +661,63 @@ def _parser():
   return p
 
 
+def _mode(args):
+  for m in ("variations", "interpolate", "text_diff", "edit"):
+    if getattr(args, m) is not None:
+      return m
+  return "text"
+
+
+def _check_cli(args, mode):
+  """Every flag checked before any weights are read; returns the input images."""
+  if mode in ("text", "edit") and not args.prompt:
+    raise SamplingError("no --prompt given" + (" (the edit's text)" if mode == "edit" else ""))
+  if mode not in ("text", "edit") and args.prompt:
+    raise SamplingError(f"--prompt does not apply to --{mode}")
+  if mode == "edit" and len(args.prompt) != 1:
+    raise SamplingError(f"--edit takes one --prompt, got {len(args.prompt)}")
+  if args.num_images < 1:
+    raise SamplingError(f"--num_images {args.num_images}: must be >= 1")
+  if mode in ("interpolate", "text_diff"):
+    _check_frames(args.frames)
+  if (args.image is not None) != (mode == "text_diff"):
+    raise SamplingError("--image goes with --text_diff (the image to move)")
+  if (args.mask is not None) != (mode == "edit"):
+    raise SamplingError("--edit needs --mask, and --mask goes with --edit")
+  if mode in ("variations", "interpolate", "text_diff") and not args.clip:
+    raise SamplingError(f"--{mode} needs --clip (the CLIP image tower that embeds the image)")
+  if args.rerank_top and not args.rerank_with:
+    raise SamplingError("--rerank_top needs --rerank_with CLIP")
+  if args.rerank_with and mode not in ("text", "edit"):
+    raise SamplingError(f"--rerank_with ranks images against prompts: not with --{mode}")
+  if not 0 <= args.rerank_top <= args.num_images:
+    raise SamplingError(f"--rerank_top {args.rerank_top}: must be in [0, --num_images "
+                        f"{args.num_images}] (0 = keep all)")
+  images = {}
+  if mode == "variations":
+    images["a"] = read_image(args.variations, "--variations")
+  elif mode == "interpolate":
+    images["a"] = read_image(args.interpolate[0], "--interpolate")
+    images["b"] = read_image(args.interpolate[1], "--interpolate")
+  elif mode == "text_diff":
+    images["a"] = read_image(args.image, "--image")
+  elif mode == "edit":
+    images["a"] = read_image(args.edit, "--edit")
+    images["mask"] = read_image(args.mask, "--mask")
+    if images["mask"].shape[:2] != images["a"].shape[:2]:
+      m, a = images["mask"].shape, images["a"].shape
+      raise SamplingError(f"--mask {args.mask} is {m[1]}x{m[0]} but --edit {args.edit} is "
+                          f"{a[1]}x{a[0]}: they must be the same size")
+  return images
+
+
 def unclip_main(argv=None):
   from dalle_jax import cli  # pylint: disable=g-import-not-at-top
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  mode = _mode(args)
   try:
-    if not args.prompt:
-      raise SamplingError("no --prompt given")
+    inputs = _check_cli(args, mode)
     latents = None
     if args.init_noise:
       if not os.path.isfile(args.init_noise):
@@ -462,20 +729,56 @@ def unclip_main(argv=None):
     cli.enable_compilation_cache()
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     pipe = UnclipPipeline.load(args.checkpoint, mesh=generate.mesh_from_flag(args.mesh))
+    if args.clip:
+      pipe.attach_image_encoder(args.clip)
+    if args.rerank_with:
+      rerank.get_encoder(args.rerank_with)  # a bad path fails before sampling
     s = dict(pipe.config.get("sampling") or {})
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else s.get(flag)
     settings = {k: pick(k) for k in ("prior_steps", "decoder_steps", "sr_steps",
                                      "prior_guidance_scale", "decoder_guidance_scale")}
-    images = pipe.generate(args.prompt, args.num_images, args.seed, latents=latents,
-                           progress=True, **settings)
+    common = dict(seed=args.seed, latents=latents, progress=True, **settings)
+    scores = None
+    if mode == "text":
+      labels = list(args.prompt)
+      images = pipe.generate(args.prompt, args.num_images, args.seed, latents=latents,
+                             progress=True, **settings)
+      sampler = "unclip"
+    else:
+      if mode == "variations":
+        x = pipe.variations(inputs["a"], args.num_images, **common)
+        labels, sampler = [f"variations of {args.variations}"], "unclip"
+      elif mode == "interpolate":
+        x = pipe.interpolate(inputs["a"], inputs["b"], args.frames, **common)
+        labels, sampler = [f"{args.interpolate[0]} -> {args.interpolate[1]}"], "ddim"
+      elif mode == "text_diff":
+        x = pipe.text_diff(inputs["a"], args.text_diff[0], args.text_diff[1], args.frames,
+                           **common)
+        labels, sampler = [f"{args.image}: {args.text_diff[0]!r} -> {args.text_diff[1]!r}"], "ddim"
+      else:
+        x = pipe.edit(inputs["a"], inputs["mask"], args.prompt[0], args.num_images, **common)
+        labels, sampler = list(args.prompt), "unclip"
+      images = images_lib.to_uint8(x)[None]
+    if args.rerank_with and args.rerank_top:
+      kept, kept_scores = rerank.rerank(args.rerank_with, labels, list(images), args.rerank_top)
+      images, scores = np.stack(kept), np.stack(kept_scores)
   except (SamplingError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
   if jax.process_index() != 0:
     return os.path.abspath(args.out)
   init_noise = os.path.abspath(args.init_noise) if args.init_noise else None
-  meta = {"method": "unclip", "model": os.path.abspath(args.checkpoint), "seed": args.seed,
-          "num_images": args.num_images,
-          "sampling": dict(settings, sampler="unclip", mesh=args.mesh,
-                           init_noise=init_noise),
+  inputs_meta = {k: (os.path.abspath(v) if isinstance(v, str) else [os.path.abspath(p) for p in v])
+                 for k, v in (("variations", args.variations), ("interpolate", args.interpolate),
+                              ("image", args.image), ("edit", args.edit), ("mask", args.mask),
+                              ("clip", args.clip), ("rerank_with", args.rerank_with))
+                 if v is not None}
+  meta = {"method": "unclip", "mode": mode, "model": os.path.abspath(args.checkpoint),
+          "seed": args.seed, "num_images": args.num_images, **inputs_meta,
+          "sampling": dict(settings, sampler=sampler, mesh=args.mesh, init_noise=init_noise,
+                           rerank_top=args.rerank_top),
           "schedulers": {k: v.to_dict() for k, v in pipe.scheds.items()}}
-  return generate.write_samples(args.out, args.prompt, images, meta)
+  if mode in ("interpolate", "text_diff"):
+    meta["frames"] = args.frames
+  if mode == "text_diff":
+    meta["text_diff"] = list(args.text_diff)
+  return generate.write_samples(args.out, labels, images, meta, scores=scores)
