@@ -147,3 +147,53 @@ def test_include_exclude_and_shape_mismatch(setup, tmp_path):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"glu.*\(32, 48\).*\(32, 64\)"):
     loop.train(bad, str(tmp_path / "bad"), max_steps=0)
   assert not os.path.exists(tmp_path / "bad" / "config.json")
+
+
+def _abstract_params(config):
+  task = get_task(config)
+  mesh = parallel.make_mesh(config.mesh)
+  tx, _ = make_optimizer(task.optimizer_groups(), task.param_labels, config.total_steps)
+  abstract, _ = loop.abstract_state(task, tx, task.config, mesh, task.dummy_batch(config.batch_size))
+  return task, abstract.params, mesh
+
+
+def test_init_from_across_scanned_and_per_layer_layouts(setup, tmp_path):
+  """What the trainer loads (loop._init_from) when the checkpoint's layer Stacks have
+  the other layout: the per-layer import into a scan_layers=True model (each
+  layer's arrays stacked on the leading axis) and a scanned checkpoint into a
+  per-layer model, each straight into the run's shards; include/exclude match the
+  run's own names."""
+  imported, data = setup
+  _, variables = ckpt_lib.load_model(str(imported))
+  flat = lambda t: {ckpt_lib._keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  imp = flat(variables["params"])
+  assert any("/layer_1/" in k for k in imp)  # the converter writes per-layer Stacks
+
+  scanned = _config(imported, data, scan_layers=True)
+  _, target_s, mesh_s = _abstract_params(scanned)
+  tree_s = loop._init_from(scanned, target_s, mesh_s)
+  loaded_s, shardings_s = flat(tree_s), flat(target_s)
+  assert set(loaded_s) == set(shardings_s) and any("/layers/" in k for k in loaded_s)
+  for k, x in loaded_s.items():
+    assert x.sharding == shardings_s[k].sharding, k
+    if "/layers/" in k:
+      for i in range(LAYERS):
+        np.testing.assert_array_equal(np.asarray(x)[i], imp[k.replace("/layers/", f"/layer_{i}/")])
+    else:
+      np.testing.assert_array_equal(np.asarray(x), imp[k], err_msg=k)
+
+  ckpt_lib.save_imported(str(tmp_path / "scanned_ckpt"), scanned,
+                         {"params": jax.tree.map(np.asarray, tree_s)})
+  per_layer = _config(tmp_path / "scanned_ckpt", data, init_from_exclude="layer_1/")
+  _, target, mesh = _abstract_params(per_layer)
+  got, want_shardings = flat(loop._init_from(per_layer, target, mesh)), flat(target)
+  assert set(got) == set(imp)
+  for k, x in got.items():
+    if "layer_1/" in k:
+      assert isinstance(x, jax.ShapeDtypeStruct), k  # excluded: left to the fresh init
+    else:
+      assert x.sharding == want_shardings[k].sharding, k
+      np.testing.assert_array_equal(np.asarray(x), imp[k], err_msg=k)
+  nothing = _config(tmp_path / "scanned_ckpt", data, init_from_include="no_such_parameter")
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="no model parameter matches"):
+    loop._init_from(nothing, target, mesh)

@@ -263,6 +263,13 @@ def _newest_params(path, use_ema=True):
   raise DamagedCheckpointError(f"{path}: no readable checkpoint under {ckpt_root}")
 
 
+def params_metadata(path, use_ema=True):
+  """The saved parameter tree of a workdir or imported checkpoint: shapes and
+  dtypes (orbax ArrayMetadata leaves), no array read."""
+  directory, key = _newest_params(paths.resolve(path), use_ema)
+  return _item_metadata(directory).get(key) or {}
+
+
 def load_params(path, target, include="", exclude="", use_ema=True):
   """Parameters for fine-tuning from a workdir or an imported checkpoint.
 

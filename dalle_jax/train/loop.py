@@ -24,6 +24,7 @@ from PIL import Image
 
 from dalle_jax import parallel, paths
 from dalle_jax.data import pipeline
+from dalle_jax.models import scan_layout
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import checkpoint as ckpt_lib
 from dalle_jax.train import metrics as metrics_lib
@@ -288,12 +289,49 @@ def _prepare(config):
   return task, mesh, train_iter
 
 
-def _init_from(config, abstract_params):
+def _init_from(config, abstract_params, mesh):
   """The parameters config.init_from selects (include/exclude regexes), restored
-  straight into their shards and checked (a mismatch is named) before anything
-  compiles; the others stay abstract, to be filled by the fresh init."""
-  return ckpt_lib.load_params(config.init_from, abstract_params,
-                              include=config.init_from_include, exclude=config.init_from_exclude)
+  straight into their shards and checked (a mismatch is named) before the model
+  compiles; the others stay abstract, to be filled by the fresh init.
+
+  A checkpoint whose layer Stacks have the other layout (per-layer vs scanned,
+  scan_layers) is read in its own layout, sharded as XLA propagates the run's
+  shardings through the conversion, and converted on device
+  (models.scan_layout.to_layout); include/exclude then match the run's names.
+  """
+  path, inc, exc = config.init_from, config.init_from_include, config.init_from_exclude
+  saved = ckpt_lib.params_metadata(path)
+  if scan_layout.same_layout(saved, abstract_params):
+    return ckpt_lib.load_params(path, abstract_params, include=inc, exclude=exc)
+  to_saved = lambda t: scan_layout.to_layout(t, like=saved)
+  try:
+    saved_abstract = jax.eval_shape(to_saved, abstract_params)
+  except ValueError as e:
+    raise ckpt_lib.CheckpointMismatchError(f"init_from {path} (layer layout converted): {e}") from None
+  with parallel.mesh_context(mesh, config):
+    saved_shardings = jax.jit(to_saved).lower(abstract_params).compile().output_shardings
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        saved_abstract, saved_shardings)
+  loaded = ckpt_lib.load_params(path, target)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+  with parallel.mesh_context(mesh, config):
+    converted = jax.jit(lambda t: scan_layout.to_layout(t, like=abstract_params),
+                        out_shardings=shardings)(loaded)
+  logging.info("init_from %s: converted between scanned and per-layer layouts", path)
+  inc, exc = re.compile(inc) if inc else None, re.compile(exc) if exc else None
+  picked = []
+  def pick(key_path, new, fresh):
+    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    if (inc is None or inc.search(name)) and not (exc and exc.search(name)):
+      picked.append(name)
+      return new
+    return fresh
+  out = jax.tree_util.tree_map_with_path(pick, converted, abstract_params)
+  if not picked:
+    raise ckpt_lib.CheckpointMismatchError(
+        f"init_from {path}: no model parameter matches include={config.init_from_include!r} / "
+        f"exclude={config.init_from_exclude!r}")
+  return out
 
 
 def _merge_params(state, loaded):
@@ -333,7 +371,7 @@ def _train(task, mesh, train_iter, preempt, workdir, max_steps):
                                async_save=config.async_checkpoints)
   start_step, state, data_state = ckpt.restore(abstract)
   if state is None:
-    loaded = _init_from(config, abstract.params) if config.get("init_from") else None
+    loaded = _init_from(config, abstract.params, mesh) if config.get("init_from") else None
     state, _ = create_state(task, tx, config, mesh, dummy)
     start_step = 0
     if loaded is not None:
