@@ -151,7 +151,7 @@ class TextTower(nn.Module):
     x_btd = x_btd + pos[:t].astype(self.dtype)[None]
     x_btd = layers.constrain(x_btd, ("batch", "length", "embed"))
     # Causal mask only: padding sits after end-of-text, which never attends to it.
-    mask = layers.causal_mask(t)[None, None]
+    mask = layers.AttentionMask(causal=True)  # read natively by fused kernels
     x_btd = layers.Stack(
         layers.PreLNBlock,
         _tower_blocks(d, self.num_heads, self.mlp_dim, self.activation, self.ln_epsilon,

@@ -227,7 +227,8 @@ class SparseBlock(nn.Module):
 
   (x, mask_table, pattern_id ()) -> (x, None): scan-friendly, each layer receives
   only an int, the table is broadcast. mask_table: dense (P, T, S) masks,
-  CacheKeys with a leading P axis (sparse decode steps), or None; with
+  CacheKeys with a leading P axis (sparse decode steps), a layers.AttentionMask
+  (every layer causal: no per-pattern leaves, fused kernels read it), or None; with
   `sparse_layouts` (block-sparse training) the id picks a GridSparseLayout.
   """
   num_heads: int
@@ -350,6 +351,8 @@ class DalleTransformer(nn.Module):
                                      self.conv_kernel)
       row = lambda a: jax.lax.dynamic_index_in_dim(jnp.asarray(a), first_pos, 1, keepdims=False)
       table = CacheKeys(row(idx), row(valid), self.text_len + 1)  # leaves (P, J)
+    elif use_mask and not self.decode and self._patterns == ("full",):
+      table = layers.AttentionMask(causal=True)  # fused kernels skip the masked blocks
     elif use_mask and self._sparse_layouts is None:
       full = jnp.asarray(attention_masks(self.text_len, self.image_grid, self.image_grid,
                                          self._patterns, self.conv_kernel))

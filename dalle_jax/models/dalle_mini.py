@@ -189,7 +189,7 @@ class DalleMini(nn.Module):
     x = self.enc_embed(text_bl) + self.enc_pos(pos)[None]
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = self.enc_ln_embed(x).astype(self.dtype)
-    mask = text_mask_bl[:, None, None, :]
+    mask = layers.AttentionMask(key_valid_bs=jnp.asarray(text_mask_bl, bool))
     x = self.enc_layers(x, mask)
     return self.enc_final_ln(x).astype(self.dtype)
 
@@ -205,8 +205,10 @@ class DalleMini(nn.Module):
     x = self.dec_embed(prev_bt) + self.dec_pos(pos)[None]
     x = layers.constrain(x, ("batch", "length", "embed"))
     x = self.dec_ln_embed(x).astype(self.dtype)
-    cross_mask = text_mask_bs[:, None, None, :]
-    self_mask = None if self.decode else layers.causal_mask(t)
+    # Parts, not dense (B, H, T, S) arrays: fused kernels (attention_impl) read
+    # the key padding and the causal flag natively.
+    cross_mask = layers.AttentionMask(key_valid_bs=jnp.asarray(text_mask_bs, bool))
+    self_mask = None if self.decode else layers.AttentionMask(causal=True)
     x = self.dec_layers(x, enc_bsd, cross_mask, self_mask)
     x = self.dec_final_ln(x).astype(self.dtype)
     return self.lm_head(x).astype(jnp.float32)
