@@ -43,6 +43,11 @@ def base_config():
   c.log_every = 10
   c.eval_every = 200
   c.eval_batches = 4
+  # FID / CLIP score of samples of a fixed caption set every `every` steps (0 = off), logged
+  # as eval/fid, eval/clip_score: keys documented in dalle_jax/evaluate/periodic.py.
+  c.eval_metrics = ml_collections.ConfigDict(dict(
+      every=0, num=64, captions="", metrics="fid,clip_score", real_stats="", inception="",
+      mode="legacy_pytorch", clip="", batch_size=16, seed=0))
   c.preview_every = 200
   c.checkpoint_every = 200
   c.keep_checkpoints = 3

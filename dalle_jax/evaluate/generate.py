@@ -128,48 +128,64 @@ def load_sampler(family, path, flags=None, mesh=None, vqgan=None):
       raise FileNotFoundError(f"{p}: no such checkpoint or workdir")
   if family == "ar":
     from dalle_jax.sampling import generate as ar_lib  # pylint: disable=g-import-not-at-top
-    pipe = ar_lib.Pipeline.load(path, vqgan_path=vqgan, mesh=mesh)
-    s = pipe.config.get("sampling") or {}
-    sp = ar_lib.SamplingParams(temperature=_pick(flags, "temperature", s, 1.0),
-                               top_k=_pick(flags, "top_k", s, 0),
-                               top_p=_pick(flags, "top_p", s, 1.0),
-                               guidance_scale=_pick(flags, "guidance_scale", s, 1.0))
-    settings = {"sampling": dict(sp.__dict__), "vqgan": vqgan or pipe.config.get("vqgan", "")}
-    return FamilySampler(family, pipe, settings,
-                         lambda caps, seed: pipe.generate(caps, 1, seed, sp))
+    return ar_sampler(ar_lib.Pipeline.load(path, vqgan_path=vqgan, mesh=mesh), flags)
   if family == "diffusion":
     from dalle_jax.sampling import diffusion as diff_lib  # pylint: disable=g-import-not-at-top
-    pipe = diff_lib.Pipeline.load(path, mesh=mesh)
-    s = pipe.config.get("sampling") or {}
-    kw = {"sampler": flags.get("sampler") or "ddim",
-          "steps": flags.get("steps") if flags.get("steps") is not None else 50,
-          "eta": flags.get("eta") or 0.0,
-          "guidance_scale": _pick(flags, "guidance_scale", s, 1.0),
-          "thresholding": flags.get("thresholding"),
-          "threshold_percentile": flags.get("threshold_percentile")}
-    sched = diff_lib.scheduler_overrides(pipe.task.sched, kw["thresholding"],
-                                         kw["threshold_percentile"])
-    pipe.check(["x"] if pipe.conditional else [], 1, kw["sampler"], kw["steps"], kw["eta"],
-               kw["guidance_scale"], not pipe.conditional, sched)
-    settings = {"sampling": kw, "conditional": pipe.conditional, "scheduler": sched.to_dict()}
-    if not pipe.conditional:  # captions only count the rows (and pair with CLIP)
-      return FamilySampler(family, pipe, settings, lambda caps, seed: pipe.generate(
-          [], len(caps), seed, unconditional=True, **kw))
-    return FamilySampler(family, pipe, settings,
-                         lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
+    return diffusion_sampler(diff_lib.Pipeline.load(path, mesh=mesh), flags)
   if family == "unclip":
     from dalle_jax.sampling import unclip as unclip_lib  # pylint: disable=g-import-not-at-top
-    pipe = unclip_lib.UnclipPipeline.load(path, mesh=mesh)
-    s = dict(pipe.config.get("sampling") or {})
-    defaults = {"prior_steps": 25, "decoder_steps": 25, "sr_steps": 7,
-                "prior_guidance_scale": 4.0, "decoder_guidance_scale": 8.0}
-    kw = {k: _pick(flags, k, s, d) for k, d in defaults.items()}
-    settings = {"sampling": kw}
-    return FamilySampler(family, pipe, settings,
-                         lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
-  # cascade: base + super-resolution stages (comma-separated paths)
+    return unclip_sampler(unclip_lib.UnclipPipeline.load(path, mesh=mesh), flags)
   from dalle_jax.sampling import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
-  pipe = cascade_lib.Cascade.load(paths, mesh=mesh)
+  return cascade_sampler(cascade_lib.Cascade.load(paths, mesh=mesh), flags)
+
+
+def ar_sampler(pipe, flags):
+  """sampling.generate.Pipeline (AR transformer + VQGAN) -> FamilySampler."""
+  from dalle_jax.sampling import decode  # pylint: disable=g-import-not-at-top
+  s = pipe.config.get("sampling") or {}
+  sp = decode.SamplingParams(temperature=_pick(flags, "temperature", s, 1.0),
+                             top_k=_pick(flags, "top_k", s, 0),
+                             top_p=_pick(flags, "top_p", s, 1.0),
+                             guidance_scale=_pick(flags, "guidance_scale", s, 1.0))
+  settings = {"sampling": dict(sp.__dict__), "vqgan": pipe.config.get("vqgan", "")}
+  return FamilySampler("ar", pipe, settings, lambda caps, seed: pipe.generate(caps, 1, seed, sp))
+
+
+def diffusion_sampler(pipe, flags):
+  """sampling.diffusion.Pipeline -> FamilySampler (settings checked before any compile)."""
+  from dalle_jax.sampling import diffusion as diff_lib  # pylint: disable=g-import-not-at-top
+  s = pipe.config.get("sampling") or {}
+  sampler = _pick(flags, "sampler", s, "ddim")
+  kw = {"sampler": sampler, "steps": _pick(flags, "steps", s, 50),
+        # the checkpoint's eta belongs to its own sampler (DDIM)
+        "eta": _pick(flags, "eta", s if sampler == "ddim" else {}, 0.0),
+        "guidance_scale": _pick(flags, "guidance_scale", s, 1.0),
+        "thresholding": flags.get("thresholding"),
+        "threshold_percentile": flags.get("threshold_percentile")}
+  sched = diff_lib.scheduler_overrides(pipe.task.sched, kw["thresholding"],
+                                       kw["threshold_percentile"])
+  pipe.check(["x"] if pipe.conditional else [], 1, kw["sampler"], kw["steps"], kw["eta"],
+             kw["guidance_scale"], not pipe.conditional, sched)
+  settings = {"sampling": kw, "conditional": pipe.conditional, "scheduler": sched.to_dict()}
+  if not pipe.conditional:  # captions only count the rows (and pair with CLIP)
+    return FamilySampler("diffusion", pipe, settings, lambda caps, seed: pipe.generate(
+        [], len(caps), seed, unconditional=True, **kw))
+  return FamilySampler("diffusion", pipe, settings,
+                       lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
+
+
+def unclip_sampler(pipe, flags):
+  """sampling.unclip.UnclipPipeline -> FamilySampler."""
+  s = dict(pipe.config.get("sampling") or {})
+  defaults = {"prior_steps": 25, "decoder_steps": 25, "sr_steps": 7,
+              "prior_guidance_scale": 4.0, "decoder_guidance_scale": 8.0}
+  kw = {k: _pick(flags, k, s, d) for k, d in defaults.items()}
+  return FamilySampler("unclip", pipe, {"sampling": kw},
+                       lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
+
+
+def cascade_sampler(pipe, flags):
+  """sampling.cascade.Cascade (base + super-resolution stages) -> FamilySampler."""
   kw = {k: flags.get(k) for k in PER_STAGE + ("threshold_percentile",)}
   kw["thresholding"] = flags.get("thresholding", "dynamic")
   stages = pipe.settings(**kw)  # every stage's value resolved and checked
@@ -177,7 +193,7 @@ def load_sampler(family, path, flags=None, mesh=None, vqgan=None):
       dict(path=st.path, size=st.size, sampler=c["sampler"], steps=c["steps"], eta=c["eta"],
            guidance_scale=c["guidance_scale"], noise_level=c["noise_level"],
            scheduler=c["sched"].to_dict()) for st, c in zip(pipe.stages, stages)]}
-  return FamilySampler(family, pipe, settings,
+  return FamilySampler("cascade", pipe, settings,
                        lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
 
 
