@@ -24,6 +24,7 @@ from PIL import Image
 
 from dalle_jax import parallel, paths
 from dalle_jax.data import pipeline
+from dalle_jax.evaluate import periodic
 from dalle_jax.models import scan_layout
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import checkpoint as ckpt_lib
@@ -382,6 +383,7 @@ def _train(task, mesh, train_iter, preempt, workdir, max_steps):
     logging.info("resumed %s from step %d", workdir, start_step)
     if data_state:
       train_iter.set_state(data_state)
+  gen_metrics = periodic.PeriodicMetrics.from_config(task, mesh)  # None unless eval_metrics.every
   _write_config(config, workdir)  # after every check, so a rejected run leaves no trace
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   logging.info("parameters: %.2fM", n_params / 1e6)
@@ -434,11 +436,14 @@ def _train(task, mesh, train_iter, preempt, workdir, max_steps):
       else:
         timer.tick()
       eval_due = bool(config.eval_every) and (step % config.eval_every == 0 or step == end_step)
-      log_due = step % config.log_every == 0 or step == end_step or eval_due
+      gen_due = gen_metrics is not None and gen_metrics.due(step, end_step)
+      log_due = step % config.log_every == 0 or step == end_step or eval_due or gen_due
       if config.nan_policy == "stop" and log_due:
         _raise_if_nonfinite(state, config)
       if log_due:
         extra = _evaluate(task, p_eval_step, state, config, mesh, step) if eval_due else {}
+        if gen_due:  # FID / CLIP score of the task's samples (dalle_jax/evaluate/periodic.py)
+          extra.update(gen_metrics(_eval_params(state), step))
         _log(writer, pending, step, config, timer, flops, tokens, peak, run_start, start_step, extra)
         pending = []
       if config.preview_every and (step % config.preview_every == 0 or step == end_step):
