@@ -10,7 +10,9 @@ Library API (what `python -m dalle_jax.evaluate` and in-memory scoring use):
 
 Modules: features (resize modes, the sharded extractor), stats (float64 statistics, the Fréchet
 distance), metrics (KID, IS, precision/recall, CLIP score), sources (folders, .npz, statistics,
-TFDS splits; sharded extraction over devices and processes), cli (the command line).
+TFDS splits; sharded extraction over devices and processes), generate (sample a caption set with
+any family's pipeline and score it in memory), periodic (the trainer's FID / CLIP score hook,
+config.eval_metrics), cli (the command line).
 """
 from dalle_jax.convert.inception import load_inception_params
 from dalle_jax.evaluate.features import InceptionExtractor, MODES, feature_checksum
