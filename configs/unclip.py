@@ -11,8 +11,12 @@ project has: a trained workdir or an imported Hugging Face CLIP):
 
 Presets:
   shapes  on the `shapes` CLIP's embeddings (E = 64, 16 caption tokens of width 64): a
-          4-layer, width-128 prior (0.9M parameters), 1000 steps of 64 pairs in about
-          2 minutes on the 2-core CPU (measured: benchmarks / tests/test_prior.py).
+          4-layer, width-128 prior (0.86M parameters). Measured with a 500-step shapes CLIP:
+          1000 steps of 64 pairs took 2.7 CPU-minutes (7.5 min wall on the shared, loaded
+          2-core host), loss 0.72 -> 0.04; on the 250 held-out test pairs the prior's
+          samples (25 unclip steps, no guidance) have cosine 0.988 to the true image
+          embeddings, the captions' text embeddings 0.943, the mean image embedding 0.118
+          (guidance 4: 0.955).
   unclip  DALL·E 2's diffusion prior (paper, appendix C): a 24-layer decoder-only
           transformer of width 2048 over the ViT-H/16 CLIP's 1024-d embeddings and its
           77 caption states, cosine schedule over 1000 steps, x0-prediction (about 1.2B

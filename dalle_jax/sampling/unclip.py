@@ -22,8 +22,17 @@ Randomness: for seed s, stage k in (prior, decoder, super_res) draws its x_T fro
 fold_in(PRNGKey(s), k) and its step noise from fold_in(PRNGKey(s), 3 + k) (the sampler
 folds in the step index): see `stage_keys`. `latents=` fixes any stage's x_T.
 
-`decode_from_image_embeddings` (stages 3-4) is the entry point variations, interpolations
-and text diffs reuse with image embeddings of their own.
+`decode_from_image_embeddings` (stages 3-4) is the entry point the image modes reuse with
+image embeddings of their own (raw CLIP image embeddings from `attach_image_encoder`'s CLIP:
+Karlo's checkpoint has no image tower, so `--clip` names one, e.g. the HF ViT-L/14):
+  variations(image, N)         the image's embedding decoded N times (empty caption)
+  interpolate(a, b, frames)    slerp(z_a, z_b, t), t = 0..1, x_T of every stage fixed, DDIM:
+                               frame 0 / the last are a's / b's DDIM variations
+  text_diff(image, from, to)   slerp(z_i, z_d, t), t = 0..0.5, z_d = z_t(to) - z_t(from)
+                               scaled to |z_i| (DALL·E 2 section 3.3), x_T fixed, DDIM
+  edit(image, mask, prompt)    the prompt's prior sample decoded with the kept region
+                               (black mask) imposed at every step of both stages
+                               (samplers.sample's known_x0 / known_mask): it comes back exactly
 
 Shapes: P prompts, N images per prompt, B = P * N rows, E CLIP embedding width,
 S caption tokens, C caption state width, h/w the decoder's size, H/W the super-resolution size.
@@ -283,6 +292,10 @@ class UnclipPipeline:
         raise SamplingError(f"--prompt {i} is empty")
     if not isinstance(num_images, int) or num_images < 1:
       raise SamplingError(f"--num_images {num_images}: must be >= 1")
+    self.check_steps(steps, guidance)
+
+  def check_steps(self, steps, guidance):
+    """Per-stage steps {prior, decoder, super_res} and guidance {prior, decoder}, checked."""
     for stage, flag in zip(STAGES, ("--prior_steps", "--decoder_steps", "--sr_steps")):
       n = self.scheds[stage].num_train_timesteps
       k = steps[stage]
@@ -506,9 +519,9 @@ class UnclipPipeline:
     out["progress"] = kw.get("progress", False)
     if out["sampler"] not in ("unclip", "ddim"):
       raise SamplingError(f"--sampler {out['sampler']!r}: choose unclip|ddim")
-    self.check(["-"], 1, {"prior": out["prior_steps"], "decoder": out["decoder_steps"],
-                          "super_res": out["sr_steps"]},
-               {"prior": out["prior_guidance_scale"], "decoder": out["decoder_guidance_scale"]})
+    self.check_steps({"prior": out["prior_steps"], "decoder": out["decoder_steps"],
+                      "super_res": out["sr_steps"]},
+                     {"prior": out["prior_guidance_scale"], "decoder": out["decoder_guidance_scale"]})
     return out
 
   def _noise(self, seed, n, latents, shared):
