@@ -146,3 +146,11 @@ def test_trainer_ships_uint8_to_the_device_and_trains_the_same(tmp_path, data_di
   assert seen_dtypes[1:] == [jnp.uint8] and prefetched == [{"size": 2}]
   assert len(shipped) == 4 and len(set(shipped)) == 4  # it trains: the loss moves each step
   np.testing.assert_allclose(shipped, reference, rtol=1e-5)
+
+
+def test_bad_prefetch_to_device_is_named_before_reading(tmp_path):
+  c = base_config().data
+  c.dataset, c.data_dir = "image_text_folder/none", str(tmp_path)  # not built: never opened
+  c.prefetch_to_device = -1
+  with pytest.raises(ValueError, match=r"data.prefetch_to_device=-1; must be an integer >= 0"):
+    pipeline.make_iterator(c, "train", 4, seed=0, process_index=0, process_count=1)
