@@ -58,7 +58,8 @@ def build_reference(root):
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
   tok, vocab = _write_tokenizer(os.path.join(root, "tok"))
   torch.manual_seed(0)
   text_encoder = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(

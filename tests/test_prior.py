@@ -128,7 +128,6 @@ def _trained_clip(hf, data_dir, out, steps=300):
   """The tiny HF CLIP trained contrastively on the shapes pairs (the prior needs a CLIP whose
   image embeddings follow the captions: a random one's are one direction plus noise)."""
   from configs import common
-  from dalle_jax.models import clip as clip_lib
   from dalle_jax.sampling.clip_encoder import ClipEncoder
   from dalle_jax.tasks import clip as clip_task
   from dalle_jax.train import checkpoint
@@ -151,7 +150,6 @@ def _trained_clip(hf, data_dir, out, steps=300):
   opt.warmup_steps = 20
   params, losses = _fit(loss_fn, jax.device_get(enc.variables["params"]), opt, steps, batches)
   assert losses[-1] < 0.5 * losses[0], losses[::50]
-  del clip_lib
   checkpoint.save_imported(out, enc.config, {"params": params})
   return out
 

@@ -91,8 +91,7 @@ def test_edit_keeps_the_known_region_exactly(setup):
       images["a"][:, :BIG // 2], out[:, :, :BIG // 2].shape))
   assert np.abs(out[:, :, BIG // 2:].astype(int) - images["a"][:, BIG // 2:]).max() > 10
   # the decoder's known region is where every covered output pixel is kept
-  known = unclip_sampling._known_at(pipe.edit_target(images["a"], mask),  # pylint: disable=protected-access
-                                    karlo_fixture.SMALL)
+  known = unclip_sampling.known_at_size(pipe.edit_target(images["a"], mask), karlo_fixture.SMALL)
   assert known["mask"][0, :, :, 0].tolist() == [[1.0] * 4 + [0.0] * 4] * 8
 
 

@@ -93,7 +93,7 @@ def _known_kwargs(known):
   return {} if known is None else {"known_x0": known["x0"], "known_mask": known["mask"]}
 
 
-def _known_at(known, size):
+def known_at_size(known, size):
   """An inpainting target at another resolution: the image resized (antialiased), the mask
   kept only where every covered pixel is kept (nearest would leak the edited region)."""
   x0, mask = np.asarray(known["x0"], np.float32), np.asarray(known["mask"], np.float32)
@@ -445,7 +445,7 @@ class UnclipPipeline:
     (Variations, interpolations, text diffs and edits enter here with embeddings of their own.)"""
     small = self.decode(image_embed, cond, uncond, noise["decoder"], rngs["decoder"],
                         decoder_steps, decoder_guidance_scale, progress, sampler,
-                        None if known is None else _known_at(known, self.decoder_size))
+                        None if known is None else known_at_size(known, self.decoder_size))
     return self.super_resolve(small, noise["super_res"], rngs["super_res"], sr_steps, progress,
                               sampler, known)
 
@@ -521,7 +521,8 @@ class UnclipPipeline:
       raise SamplingError(f"--sampler {out['sampler']!r}: choose unclip|ddim")
     self.check_steps({"prior": out["prior_steps"], "decoder": out["decoder_steps"],
                       "super_res": out["sr_steps"]},
-                     {"prior": out["prior_guidance_scale"], "decoder": out["decoder_guidance_scale"]})
+                     {"prior": out["prior_guidance_scale"],
+                      "decoder": out["decoder_guidance_scale"]})
     return out
 
   def _noise(self, seed, n, latents, shared):
