@@ -70,61 +70,72 @@ def _images(out_png):
   return meta, np.stack([np.asarray(Image.open(stem / r["file"])) for r in meta["images"]])
 
 
-def test_cli_writes_final_and_stage_images_sr_follows_base(stages, tmp_path):
+KW = dict(steps=(4, 3), sampler="ddim", guidance_scale=(2.0, 1.5), noise_level=20)
+PROMPTS = [CAPTIONS[0], CAPTIONS[5]]
+
+
+@pytest.fixture(scope="module")
+def one_device(stages):
+  """The cascade on one device and its float outputs (base, SR), compiled once."""
+  cascade = cascade_sampling.Cascade.load([stages["base"], stages["sr"]])
+  x_base, x_sr = cascade.generate(PROMPTS, 2, seed=3, return_stages=True, return_float=True,
+                                  progress=True, **KW)
+  return cascade, x_base, x_sr
+
+
+def test_cli_writes_final_and_stage_images_sr_follows_base(stages, one_device, tmp_path):
+  cascade, x_base, x_sr = one_device
   out = tmp_path / "grid.png"
-  cascade_sampling.cascade_main([
-      "--stages", f"{stages['base']},{stages['sr']}", "--prompt", CAPTIONS[0], "--prompt",
-      CAPTIONS[5], "--num_images", "2", "--seed", "3", "--steps", "4,3", "--sampler", "ddim",
-      "--guidance_scale", "2,1.5", "--noise_level", "20", "--out", str(out)])
+  with pytest.MonkeyPatch.context() as m:  # the loaded stages reused: nothing recompiles
+    m.setattr(cascade_sampling.Cascade, "load", classmethod(lambda cls, paths, mesh=None: cascade))
+    cascade_sampling.cascade_main([
+        "--stages", f"{stages['base']},{stages['sr']}", "--prompt", PROMPTS[0], "--prompt",
+        PROMPTS[1], "--num_images", "2", "--seed", "3", "--steps", "4,3", "--sampler", "ddim",
+        "--guidance_scale", "2,1.5", "--noise_level", "20", "--out", str(out)])
   meta, final = _images(out)
   assert final.shape == (4, 16, 16, 3) and final.std() > 5
-  assert [r["prompt"] for r in meta["images"]] == [CAPTIONS[0]] * 2 + [CAPTIONS[5]] * 2
+  assert [r["prompt"] for r in meta["images"]] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
   s0, s1 = meta["stages"]
   assert (s0["size"], s0["steps"], s0["guidance_scale"], s0["noise_level"]) == (8, 4, 2.0, None)
   assert (s1["size"], s1["steps"], s1["guidance_scale"], s1["noise_level"]) == (16, 3, 1.5, 20)
   assert s0["scheduler"]["thresholding"] and s1["scheduler"]["thresholding"]  # dynamic everywhere
+  np.testing.assert_array_equal(to_uint8(x_sr).reshape(final.shape), final)
   _, base = _images(tmp_path / "grid" / "stage0.png")
   _, last = _images(tmp_path / "grid" / "stage1.png")
-  assert base.shape == (4, 8, 8, 3)
+  np.testing.assert_array_equal(to_uint8(x_base).reshape(base.shape), base)
   np.testing.assert_array_equal(last, final)
 
   # the SR stage by hand: the base stage's x0, conditioned as the SR task conditions it
   # (bicubic up, noise at level 20 with stage 2's augmentation draw), sampled with its keys
-  cascade = cascade_sampling.Cascade.load([stages["base"], stages["sr"]])
-  kw = dict(steps=(4, 3), sampler="ddim", guidance_scale=(2.0, 1.5), noise_level=20)
-  x_base, x_sr = cascade.generate([CAPTIONS[0], CAPTIONS[5]], 2, seed=3, return_stages=True,
-                                  return_float=True, **kw)
-  np.testing.assert_array_equal(to_uint8(x_sr).reshape(final.shape), final)  # the CLI's images
   sr = cascade.stages[1]
   task = sr.task
   k_T, k_aug, k_sample = cascade_sampling.stage_keys(3, 1)
-  low = x_base.reshape(4, 8, 8, 3)
-  up = cascade_lib.upsample_bicubic(low, 16)
+  up = cascade_lib.upsample_bicubic(x_base.reshape(4, 8, 8, 3), 16)
   noise = jax.random.normal(k_aug, up.shape)
   abar = np.asarray(task.sr.noise.diffusion.alphas_cumprod)[20]
   cond_img = np.sqrt(abar) * np.asarray(up) + np.sqrt(1 - abar) * np.asarray(noise)
-  cond = sr.pipe.condition([CAPTIONS[0], CAPTIONS[5]], 2)
+  other, _ = task.sr.sample(x_base.reshape(4, 8, 8, 3), 16, 90, noise)
+  assert np.abs(np.asarray(other) - cond_img).max() > 0.1  # the level matters
+  cond = sr.pipe.condition(PROMPTS, 2)
   sched = cascade.last_settings[1]["sched"]
   want = jax.jit(lambda p, c, x, lr, r: task.sample(
       p, c, x, r, sampler="ddim", steps=3, guidance_scale=1.5, sched=sched, low_res=lr,
       level=np.full((4,), 20, np.int32)))(sr.pipe.params, cond, jax.random.normal(k_T, up.shape),
                                            cond_img, k_sample)
   np.testing.assert_allclose(x_sr.reshape(4, 16, 16, 3), np.asarray(want), atol=1e-5)
-  # another noise level conditions differently
-  other = cascade.generate([CAPTIONS[0], CAPTIONS[5]], 2, seed=3, return_float=True,
-                           **dict(kw, noise_level=90))
-  assert np.abs(other - x_sr).max() > 1e-3
 
 
-def test_sharded_cascade_matches_one_device(stages):
-  kw = dict(steps=(3, 2), sampler="ddim", guidance_scale=(2.0, 1.0), return_float=True)
-  one = cascade_sampling.Cascade.load([stages["base"], stages["sr"]]).generate(
-      CAPTIONS[:3], 1, seed=0, **kw)  # 3 rows: padded to the mesh's 4 batch shards
+def test_sharded_cascade_matches_one_device(stages, one_device):
+  _, x_base, x_sr = one_device
   sharded = cascade_sampling.Cascade.load([stages["base"], stages["sr"]],
-                                          mesh=generate.mesh_from_flag("2,2,2"))
+                                          mesh=generate.mesh_from_flag("2,4,1"))
   kernel = sharded.stages[1].pipe.params["unet"]["conv_in"]["kernel"]
   assert len(kernel.sharding.device_set) == 8
-  np.testing.assert_allclose(sharded.generate(CAPTIONS[:3], 1, seed=0, **kw), one, atol=2e-3)
+  # 4 rows padded to the mesh's 8 batch shards (data x fsdp)
+  got_base, got_sr = sharded.generate(PROMPTS, 2, seed=3, return_stages=True, return_float=True,
+                                      **KW)
+  np.testing.assert_allclose(got_base, x_base, atol=2e-3)
+  np.testing.assert_allclose(got_sr, x_sr, atol=2e-3)
 
 
 @pytest.mark.parametrize("stage_names,flags,message", [
@@ -134,7 +145,8 @@ def test_sharded_cascade_matches_one_device(stages):
     (("base", "base"), [], r"stage 2 .* is not a super-resolution stage"),
     (("base", "sr"), ["--steps", "1,2,3"], "--steps has 3 values for 2 stages"),
     (("base", "sr"), ["--sampler", "ddim,euler"], r"--sampler 'euler' \(stage 2"),
-    (("base", "sr"), ["--noise_level", "1000"], r"--noise_level 1000: must be an int in \[0, 1000\)"),
+    (("base", "sr"), ["--noise_level", "1000"],
+     r"--noise_level 1000: must be an int in \[0, 1000\)"),
     (("base", "sr"), ["--steps", "4,101"], r"--steps 101: must lie in \[1, 100\].*\(stage 2"),
     (("base", "nope"), [], "stage 2: .*nope not found"),
 ])

@@ -81,7 +81,7 @@ class Stage:
 
   @property
   def uses_t5(self):
-    return self.task.conditioning == "text" and bool(self.task.t5_path)
+    return self.task.t5_states
 
   def load_t5(self):
     if self.t5 is None and self.t5_path:
@@ -102,7 +102,8 @@ class Stage:
   def condition_low_res(self, low_res, level, noise):
     """Previous stage's x0 (n, s, s, C) -> (conditioning image (n, S, S, C), level (n,))."""
     if self.if_cfg is not None:
-      return if_lib.stage2_condition(low_res, self.size, level, noise, self.noising)
+      z, embeds = if_lib.stage2_condition(low_res, self.size, level, noise, self.noising)
+      return z, embeds["class"]
     return self.task.sr.sample(low_res, self.size, level, noise)
 
   def sample_fn(self, sampler, steps, eta, guidance, sched, level, n_rows, progress, mesh):
@@ -189,8 +190,6 @@ class Cascade:
       if st.channels != prev.channels:
         raise SamplingError(f"{st.name} takes {st.channels}-channel images but {prev.name} "
                             f"makes {prev.channels}-channel ones")
-      if st.uses_t5 and not st.t5_path:
-        raise SamplingError(f"{st.name} conditions on T5 states but names no T5")
 
   @property
   def size(self):
@@ -203,7 +202,8 @@ class Cascade:
     every value checked."""
     n = len(self.stages)
     st = self.stages
-    samplers_ = _per_stage("sampler", sampler, n, lambda i: st[i].sampling_default("sampler", "ddim"))
+    samplers_ = _per_stage("sampler", sampler, n,
+                           lambda i: st[i].sampling_default("sampler", "ddim"))
     steps_ = _per_stage("steps", steps, n, lambda i: int(st[i].sampling_default("steps", 50)))
     etas = _per_stage("eta", eta, n, lambda i: float(st[i].sampling_default("eta", 0.0)))
     scales = _per_stage("guidance_scale", guidance_scale, n,

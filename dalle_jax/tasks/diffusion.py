@@ -129,20 +129,23 @@ class DiffusionTask(base.Task):
     self.diffusion = gaussian.Diffusion(self.sched)
     self.frozen = None
     clip_path = config.get("text_encoder", {}).get("clip", "")
-    self.t5_path = config.get("text_encoder", {}).get("t5", "") if self.conditioning == "text" else ""
+    text_enc = config.get("text_encoder", {})
+    self.t5_path = text_enc.get("t5", "") if self.conditioning == "text" else ""
     if_cfg = config.get("deepfloyd_if") or {}
+    # conditioned on T5 states: a T5 named, or an IF stage (stage II reuses stage I's states)
+    self.t5_states = self.conditioning == "text" and bool(self.t5_path or if_cfg)
     # T5 states: padding positions masked out of the U-Net's attention unless the
     # model attends to them all (IF)
     self.context_mask = bool(if_cfg.get("context_mask", True))
-    self.null_text = None  # T5: (states (L, D), mask (L,)) of the negative prompt, set by the caller
+    self.null_text = None  # T5: (states (L, D), mask (L,)) of the negative prompt (the caller's)
     if self.conditioning == "text" and clip_path:
       self.frozen = FrozenClipText(clip_path, dtype=config.dtype)
       self.model = text2im.build(config, text_width=self.frozen.width)
       self.text_len = self.frozen.max_len
-    elif self.t5_path:
+    elif self.t5_states:
       self.text_width = int(m.unet.get("context_dim", 0))
       if self.text_width <= 0:
-        raise ValueError("config.text_encoder.t5 needs config.model.unet.context_dim = the T5 width")
+        raise ValueError("T5 text states need config.model.unet.context_dim = the T5 width")
       self.model = text2im.build(config, text_width=self.text_width)
       self.text_len = int(if_cfg.get("text_len", 0) or config.text.max_len)
     else:
@@ -187,7 +190,7 @@ class DiffusionTask(base.Task):
   def null_cond(self, n):
     """The unconditional rows of guidance: blank captions, the negative prompt's T5 states
     (`null_text`) or the null class."""
-    if self.conditioning == "text" and self.t5_path:
+    if self.t5_states:
       if self.null_text is None:
         raise ValueError("config.text_encoder.t5: guidance and caption dropout need the negative "
                          "prompt's T5 states (task.null_text = (states, mask))")
@@ -204,13 +207,13 @@ class DiffusionTask(base.Task):
   def cond_of(self, batch):
     """The conditioning entries of a batch (text ids + mask, or label, or none)."""
     keys = {"text": ("text_ids", "text_mask"), "class": ("label",), "none": ()}[self.conditioning]
-    if self.t5_path:
+    if self.t5_states:
       keys = ("text_states", "text_mask")
     return {k: batch[k] for k in keys}
 
   def encode(self, params, cond):
     """Batch conditioning -> the U-Net's context / mask / embeds (Text2Im.encode's dict)."""
-    if self.t5_path:  # states computed outside; the U-Net pools them itself if it does
+    if self.t5_states:  # states computed outside; the U-Net pools them itself if it does
       mask = jnp.asarray(cond["text_mask"]).astype(bool)
       return dict(context=jnp.asarray(cond["text_states"]).astype(jnp.float32),
                   context_mask=mask if self.context_mask else None, embeds={})
@@ -250,7 +253,7 @@ class DiffusionTask(base.Task):
       raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, {c}): "
                        f"set config.data.image_size={s}")
     out = {"image": image}
-    if self.conditioning == "text" and self.t5_path:  # pre-encoded records
+    if self.t5_states:  # pre-encoded records
       if "text_states" not in example or "text_mask" not in example:
         raise KeyError(f"config.text_encoder.t5: records need pre-encoded text_states and "
                        f"text_mask; example has fields {sorted(example)}")
@@ -272,7 +275,7 @@ class DiffusionTask(base.Task):
   def dummy_batch(self, batch_size):
     s, c = self.image_size, self.channels
     out = {"image": np.zeros((batch_size, s, s, c), np.float32)}
-    if self.conditioning == "text" and self.t5_path:
+    if self.t5_states:
       out.update(text_states=np.zeros((batch_size, self.text_len, self.text_width), np.float32),
                  text_mask=np.ones((batch_size, self.text_len), bool))
     elif self.conditioning == "text":
@@ -297,7 +300,7 @@ class DiffusionTask(base.Task):
     t = jnp.zeros((1,), jnp.int32)
     low, embeds = self._sr_inputs(x)
     rngs = {"params": rng, "dropout": rng}
-    if self.t5_path:  # no text module: the U-Net alone
+    if self.t5_states:  # no text module: the U-Net alone
       enc = self.encode(None, cond)
       enc["embeds"] = dict(enc["embeds"], **embeds)
       return self.model.init(rngs, x, t, **enc, low_res=low, method=text2im.Text2Im.denoise)
