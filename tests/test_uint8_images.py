@@ -126,7 +126,7 @@ def test_trainer_ships_uint8_to_the_device_and_trains_the_same(tmp_path, data_di
   monkeypatch.setattr(pipeline, "prefetch_to_device",
                       lambda *a, **k: prefetched.append(k) or wrap(*a, **k))
 
-  def run(image_dtype, ahead):
+  def run(image_dtype, ahead, name=None, max_steps=None):
     c = base_config()
     c.family = __name__
     c.data.dataset, c.data.data_dir, c.data.image_size = DATASET, data_dir, 16
@@ -135,8 +135,8 @@ def test_trainer_ships_uint8_to_the_device_and_trains_the_same(tmp_path, data_di
     c.eval_every = c.preview_every = 0
     c.dtype, c.async_checkpoints = "float32", False
     c.optimizer.learning_rate, c.optimizer.warmup_steps = 1e-3, 0
-    workdir = tmp_path / image_dtype
-    loop.train(c, str(workdir))
+    workdir = tmp_path / (name or image_dtype)
+    loop.train(c, str(workdir), max_steps=max_steps)
     rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
 
@@ -146,6 +146,10 @@ def test_trainer_ships_uint8_to_the_device_and_trains_the_same(tmp_path, data_di
   assert seen_dtypes[1:] == [jnp.uint8] and prefetched == [{"size": 2}]
   assert len(shipped) == 4 and len(set(shipped)) == 4  # it trains: the loss moves each step
   np.testing.assert_allclose(shipped, reference, rtol=1e-5)
+  # Stopped after 2 steps (2 more batches already on the device) and resumed: the
+  # checkpoint holds the consumed position, so the losses are the same.
+  run("uint8", 2, "split", max_steps=2)
+  np.testing.assert_allclose(run("uint8", 2, "split"), shipped, rtol=1e-6)
 
 
 def test_bad_prefetch_to_device_is_named_before_reading(tmp_path):
