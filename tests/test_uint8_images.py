@@ -153,8 +153,12 @@ def test_trainer_ships_uint8_to_the_device_and_trains_the_same(tmp_path, data_di
 
 
 def test_bad_prefetch_to_device_is_named_before_reading(tmp_path):
-  c = base_config().data
-  c.dataset, c.data_dir = "image_text_folder/none", str(tmp_path)  # not built: never opened
-  c.prefetch_to_device = -1
-  with pytest.raises(ValueError, match=r"data.prefetch_to_device=-1; must be an integer >= 0"):
-    pipeline.make_iterator(c, "train", 4, seed=0, process_index=0, process_count=1)
+  c = base_config()
+  c.family = __name__
+  c.data.dataset, c.data.data_dir = "image_text_folder/none", str(tmp_path)  # never opened
+  c.data.prefetch_to_device = -1
+  c.batch_size = 8
+  with pytest.raises(loop.ConfigError,
+                     match=r"^config.data.prefetch_to_device=-1; must be an integer >= 0$"):
+    loop.train(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -286,6 +286,8 @@ def _prepare(config):
     train_iter = task.make_iterator(config.data.train_split, config.batch_size,
                                     shuffle=config.data.shuffle)
   except (FileNotFoundError, ValueError) as e:
+    if str(e).startswith("data."):  # a data.* key the pipeline checked: named as it is
+      raise ConfigError(f"config.{e}") from None
     raise ConfigError(f"config.data.dataset={config.data.dataset!r}: {e}") from e
   return task, mesh, train_iter
 
