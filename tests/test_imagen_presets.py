@@ -114,3 +114,34 @@ def test_training_input_is_the_images_own_low_res_version():
   np.testing.assert_allclose(z.std((1, 2, 3)), np.sqrt(1 - abar), atol=0.05 + 5 / np.sqrt(1536))
   with pytest.raises(ValueError, match=r"low-res image of size \(4, 4\); this stage takes 8x8"):
     plain.sample(jnp.zeros((1, 4, 4, 3)), 16, 0, jnp.zeros((1, 16, 16, 3)))
+
+
+def test_sr_stage_on_pre_encoded_t5_states():
+  """text_encoder.t5: records carry text_states / text_mask (the trainer never runs T5); the
+  U-Net attends to and pools them; caption dropout swaps in the negative prompt's states."""
+  c = imagen_cfg.get_config("shapes_sr32")
+  c.data.image_size, c.model.low_res_size = 16, 8
+  c.text_encoder.t5 = "/nonexistent/t5"  # never opened: the states come with the batch
+  c.model.unet.update(dict(block_channels=(16, 32), attention=("none", "added_kv"),
+                           mid_attention="added_kv", attn_head_dim=16, norm_groups=8,
+                           context_dim=12, context_pool="attention", context_pool_heads=2))
+  c.text.max_len = 5
+  c.diffusion.cond_drop_prob = 0.5
+  task = diffusion_task.DiffusionTask(c)
+  assert task.t5_states and (task.text_len, task.text_width) == (5, 12)
+  rng = np.random.RandomState(0)
+  ex = task.preprocess({"image": rng.uniform(-1, 1, (16, 16, 3)).astype(np.float32),
+                        "text_states": rng.randn(5, 12), "text_mask": np.ones(5, bool)})
+  assert ex["text_states"].dtype == np.float32 and set(ex) == {"image", "text_states", "text_mask"}
+  with pytest.raises(KeyError, match="pre-encoded text_states and text_mask; example has fields "
+                                     r"\['caption', 'image'\]"):
+    task.preprocess({"image": np.zeros((16, 16, 3), np.float32), "caption": "a red circle"})
+  batch = {k: np.stack([v] * 4) for k, v in ex.items()}
+  params = parallel.unbox(task.init(jax.random.PRNGKey(0), batch))["params"]
+  assert set(params) == {"unet"} and "context_pool" in params["unet"]
+  with pytest.raises(ValueError, match="negative prompt's T5 states"):
+    task.loss_fn(params, {}, batch, jax.random.PRNGKey(1), 0)
+  task.null_text = (np.zeros((5, 12), np.float32), np.ones(5, bool))
+  loss, (metrics, _) = jax.jit(task.loss_fn, static_argnums=4)(params, {}, batch,
+                                                               jax.random.PRNGKey(1), 0)
+  assert np.isfinite(float(loss)) and float(loss) > 0 and set(metrics) >= {"loss_t0"}
