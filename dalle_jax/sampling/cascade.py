@@ -70,12 +70,16 @@ class Stage:
       self.noising = schedule_lib.SchedulerConfig.from_dict(self.if_cfg.noising.to_dict())
       self.default_level = int(self.if_cfg.noise_level)
     elif self.is_sr:
+      if self.task.sr is None:
+        raise SamplingError(f"{self.name}: a U-Net with a low-res input but no "
+                            "config.model.low_res_size (nor an IF stage II): cannot condition it")
       self.noising = self.task.sr.noise.diffusion.cfg if self.task.sr.noise else None
       self.default_level = int(self.config.cascade.noise_level)
     self.t5 = None
     t5 = self.task.t5_path
-    if t5 and not os.path.isabs(t5) and "://" not in t5:  # relative: inside the checkpoint
-      t5 = os.path.join(path, t5)
+    inside = os.path.join(path, t5) if t5 and "://" not in t5 else ""
+    if inside and not os.path.isabs(t5) and os.path.exists(inside):  # an imported IF's own
+      t5 = inside
     self.t5_path = t5
     self._compiled = {}
 
