@@ -89,6 +89,7 @@ class Reference:
     self.module = getattr(diffusers.schedulers, mod_name)
     self.dtype = torch.float64 if float64 else torch.float32
     self.float64 = float64
+    self.use_clipped_model_output = cfg.use_clipped_model_output  # a step() argument there
     d = cfg.to_dict()
     if sampler == "dpmpp" and not cfg.learned_variance:
       d["variance_type"] = None
@@ -111,7 +112,8 @@ class Reference:
     if self.sampler == "ddpm":
       kw = {}
     elif self.sampler == "ddim":
-      kw = dict(eta=eta, variance_noise=self._nchw(noise_nhwc) if eta > 0 else None)
+      kw = dict(eta=eta, variance_noise=self._nchw(noise_nhwc) if eta > 0 else None,
+                use_clipped_model_output=self.use_clipped_model_output)
     with self._precision():
       if self.sampler == "ddpm":
         self.monkeypatch.setattr(self.module, "randn_tensor", lambda *a, **k: self._nchw(noise_nhwc))
@@ -140,16 +142,16 @@ def _noises(steps):
   return np.asarray(jax.jit(jax.vmap(draw))(jnp.arange(steps)))
 
 
-def _run_case(sampler, cfg, steps, eta, monkeypatch, seed=0):
+def _run_case(sampler, cfg, steps, eta, monkeypatch, seed=0, ref_cfg=None):
   """Every step of ours (float32), fed the reference's x and model output, against diffusers' step:
   within TOL of its float64 run, within TOL_F32 of its float32 run (errors relative to max(1, |x|)).
   Then the free-running compiled loop (noise from fold_in(RNG, i)) against the float64 reference
-  trajectory, within TOL."""
+  trajectory, within TOL. ref_cfg: the diffusers settings that mean the same as ours (default cfg)."""
   plan = samplers.make_plan(cfg, sampler, steps, eta)
   step = {"ddpm": samplers.ddpm_step, "ddim": samplers.ddim_step, "dpmpp": samplers.dpmpp_step}[sampler]
   step_fn = functools.partial(step, cfg)  # eager: cheaper than a compile per case
   x_T = np.random.RandomState(1).randn(*SHAPE).astype(np.float32)
-  refs = {f64: Reference(sampler, cfg, steps, f64, monkeypatch) for f64 in (True, False)}
+  refs = {f64: Reference(sampler, ref_cfg or cfg, steps, f64, monkeypatch) for f64 in (True, False)}
   model = ToyModel(cfg, refs[True].scheduler.alphas_cumprod.numpy(), seed)
   worst, x_ref = {}, {}
   for f64, tol in ((True, TOL), (False, TOL_F32)):
@@ -204,6 +206,12 @@ DDIM_CASES = [  # (config, steps, eta)
     (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="sample",
           timestep_spacing="linspace", set_alpha_to_one=False, clip_sample=False), 7, 0.5),
     (dict(timestep_spacing="trailing", clip_sample_range=1.5), 13, 0.0),
+    # GLIDE's DDIM: eps re-derived from the clipped / thresholded x0 (diffusers'
+    # step(use_clipped_model_output=True))
+    (dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing",
+          use_clipped_model_output=True), 10, 0.0),
+    (dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.2,
+          timestep_spacing="leading", steps_offset=1, use_clipped_model_output=True), 8, 1.0),
 ]
 
 
@@ -229,3 +237,12 @@ DPM_CASES = [  # (config, steps)
 def test_dpmpp_matches_diffusers(kw, steps, monkeypatch):
   cfg = SchedulerConfig(**kw)
   _run_case("dpmpp", cfg, steps, 0.0, monkeypatch, seed=5 + len(kw))
+
+
+def test_dpmpp_clips_x0_with_use_clipped_model_output(monkeypatch):
+  """With use_clipped_model_output, DPM-Solver++ honours clip_sample: the same steps as
+  diffusers' DPM-Solver++ thresholding at sample_max_value = 1 (a static clip to [-1, 1])."""
+  kw = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", timestep_spacing="trailing")
+  cfg = SchedulerConfig(**kw, clip_sample=True, use_clipped_model_output=True)
+  ref = SchedulerConfig(**kw, clip_sample=False, thresholding=True, sample_max_value=1.0)
+  _run_case("dpmpp", cfg, 12, 0.0, monkeypatch, seed=11, ref_cfg=ref)

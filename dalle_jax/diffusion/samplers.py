@@ -27,7 +27,8 @@ q_sample(known_x0) at the noise level the sampler has reached, and to known_x0
 itself after the last step.
 
   x0 processing (DDPM/DDIM): dynamic thresholding if `thresholding`, else static
-  clip to +-clip_sample_range if `clip_sample`.
+  clip to +-clip_sample_range if `clip_sample`. With `use_clipped_model_output`
+  DDIM's eps is re-derived from the processed x0 and DPM-Solver++ clips as well.
 
 Shapes: B batch, H height, W width, C image channels, K steps.
 """
@@ -156,12 +157,15 @@ def ddim_plan(cfg: SchedulerConfig, steps: int, eta: float = 0.0):
 
 def ddim_step(cfg: SchedulerConfig, p, x_bhwc, out_bhwc, noise_bhwc):
   """x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - std^2) eps + std noise -> (x_prev, x0).
-  eps is the model's (derived before x0 is clipped), as diffusers' default."""
+  eps is the model's (derived before x0 is clipped), as diffusers' default, or with
+  use_clipped_model_output the one the processed x0 implies (GLIDE's DDIM)."""
   mean_out, _ = gaussian.split_output(out_bhwc, x_bhwc.shape[-1], cfg.learned_variance)
   nd = x_bhwc.ndim
   eps, x0 = gaussian.eps_x0_from_output(mean_out, x_bhwc, _col(p["sqrt_abar"], nd),
                                         _col(p["sqrt_one_minus_abar"], nd), cfg.prediction_type)
   x0 = process_x0(cfg, x0)
+  if cfg.use_clipped_model_output:
+    eps = (x_bhwc - _col(p["sqrt_abar"], nd) * x0) / _col(p["sqrt_one_minus_abar"], nd)
   x_prev = _col(p["sqrt_abar_prev"], nd) * x0 + _col(p["dir_coef"], nd) * eps
   if noise_bhwc is not None:
     x_prev = x_prev + _col(p["std"], nd) * noise_bhwc
@@ -208,7 +212,7 @@ def dpmpp_step(cfg: SchedulerConfig, p, x_bhwc, out_bhwc, x0_prev_bhwc):
   nd = x_bhwc.ndim
   _, x0 = gaussian.eps_x0_from_output(mean_out, x_bhwc, _col(p["sqrt_abar"], nd),
                                       _col(p["sqrt_one_minus_abar"], nd), cfg.prediction_type)
-  x0 = process_x0(cfg, x0, allow_clip=False)
+  x0 = process_x0(cfg, x0, allow_clip=cfg.use_clipped_model_output)
   x_next = (_col(p["a"], nd) * x_bhwc + _col(p["b"], nd) * x0
             + _col(p["c"], nd) * (x0 - x0_prev_bhwc))
   return x_next, x0

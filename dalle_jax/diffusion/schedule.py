@@ -70,6 +70,12 @@ class SchedulerConfig:
   euler_at_final: bool = False
   final_sigmas_type: str = "zero"
   lambda_min_clipped: float = -math.inf
+  # Sampling with a clipped / thresholded x0 stays self-consistent (GLIDE, guided-diffusion):
+  # DDIM re-derives eps from the processed x0 (diffusers' step(use_clipped_model_output=True))
+  # and DPM-Solver++ clips x0 too when clip_sample. Off = diffusers' defaults (parity); on is
+  # what guided sampling of a clipped model needs: at guidance 3 the raw x0 lies far outside
+  # [-1, 1], and DDIM mixing the clipped x0 with the unclipped eps drifts off the data.
+  use_clipped_model_output: bool = False
 
   def __post_init__(self):
     _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
