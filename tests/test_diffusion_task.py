@@ -77,7 +77,7 @@ def test_preset_keys_and_locked_config():
     assert key in config
   assert config.ema_decay > 0  # EMA on by default
   assert config.model.conditioning == "text" and config.text_encoder.clip == ""
-  assert config.data.image_size == 32
+  assert config.data.image_size == 16
   with pytest.raises(ValueError, match="unknown preset 'nope'"):
     diffusion_cfg.get_config("nope")
   # data.image_size and the text context are shared references
