@@ -5,7 +5,7 @@ setup(
     name="dalle_jax",
     version="0.1.0",
     description="Text-to-image models (VQGAN, DALL·E, DALL·E mini, CLIP, diffusion) in JAX/Flax",
-    packages=find_packages(include=["dalle_jax", "dalle_jax.*", "configs"]),
+    packages=find_packages(include=["dalle_jax", "dalle_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7",

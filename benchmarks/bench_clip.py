@@ -22,7 +22,7 @@ from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 def hf_config(preset):
   import transformers  # pylint: disable=g-import-not-at-top
-  from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
   m = clip_configs.get_config(preset).model
   v, t = m.vision, m.text
   return transformers.CLIPConfig(

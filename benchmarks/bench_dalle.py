@@ -225,7 +225,7 @@ def bench_min_dalle(args):
 def train_config(args, dtype):
   """configs/dalle.py:shapes scaled up: d --train_d_model (512), 32 text + 16x16 codes
   (8192), batch --train_batch (8)."""
-  from configs import dalle as dalle_configs  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import dalle as dalle_configs  # pylint: disable=g-import-not-at-top
   c = dalle_configs.get_config("shapes")
   c.model.update(text_vocab_size=4096, text_len=32, image_vocab_size=8192, image_grid=16,
                  num_layers=args.train_layers, d_model=args.train_d_model,

@@ -162,7 +162,7 @@ def bench_presets(args):
 
 def bench_vit(args):
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
   from dalle_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   config = clip_configs.get_config("vit_b32")
   data = ml_collections.ConfigDict(config.data.to_dict())

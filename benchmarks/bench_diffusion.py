@@ -143,7 +143,7 @@ def bench_sampling(batch, steps, scale, reps):
 
 
 def bench_train_step(reps):
-  from configs import diffusion as diffusion_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import diffusion as diffusion_cfg  # pylint: disable=g-import-not-at-top
   from dalle_jax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   config = diffusion_cfg.get_config("shapes")
   config.mesh.data = 1

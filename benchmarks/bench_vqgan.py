@@ -42,7 +42,7 @@ def images_per_s(v):
 def bench_throughput(args, x):
   import jax  # pylint: disable=g-import-not-at-top
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from configs import vqgan as vqgan_configs  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import vqgan as vqgan_configs  # pylint: disable=g-import-not-at-top
   from dalle_jax.models.vqgan import vqgan_from_config  # pylint: disable=g-import-not-at-top
 
   b = args.batch_size
@@ -100,7 +100,7 @@ def bench_min_dalle(args):
 
 def train_config(args, remat):
   """f16_16384's layout at --train_ch base width, 256px, batch --train_batch."""
-  from configs import vqgan as vqgan_configs  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import vqgan as vqgan_configs  # pylint: disable=g-import-not-at-top
   c = vqgan_configs.get_config("f16_16384")
   c.model.ch = args.train_ch
   c.batch_size = args.train_batch

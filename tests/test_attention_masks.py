@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import clip as clip_configs
-from configs import dalle as dalle_configs
-from configs import dalle_mini as dalle_mini_configs
+from dalle_jax.configs import clip as clip_configs
+from dalle_jax.configs import dalle as dalle_configs
+from dalle_jax.configs import dalle_mini as dalle_mini_configs
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import dalle
 from dalle_jax.models import dalle_mini

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import imagen as imagen_cfg
+from dalle_jax.configs import imagen as imagen_cfg
 from dalle_jax.data.images import to_uint8
 from dalle_jax.diffusion import cascade as cascade_lib
 from dalle_jax.sampling import cascade as cascade_sampling

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from configs import clip as clip_configs
+from dalle_jax.configs import clip as clip_configs
 
 
 def test_shapes_clip_zero_shot(tmp_path):

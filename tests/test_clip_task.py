@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from configs import clip as clip_configs
+from dalle_jax.configs import clip as clip_configs
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.tasks import clip as clip_task
 

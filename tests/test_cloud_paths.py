@@ -190,7 +190,7 @@ def test_model_loaders_and_tokenizers_read_a_bucket(bucket, tmp_path):
   Pipeline.load and every tokenizer kind read straight from gs:// paths."""
   import ml_collections
   import transformers
-  from configs import diffusion as diffusion_configs
+  from dalle_jax.configs import diffusion as diffusion_configs
   from dalle_jax.data import tokenizers as tk
   from dalle_jax.models import loader
   from dalle_jax.sampling import diffusion as diffusion_sampling

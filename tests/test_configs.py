@@ -41,7 +41,7 @@ def test_override_and_unknown_key(monkeypatch):
 
 
 def test_locked_config_rejects_new_keys():
-  from configs import vqgan
+  from dalle_jax.configs import vqgan
   config = vqgan.get_config("shapes")
   config.lock()
   config.batch_size = 8

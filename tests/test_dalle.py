@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import dalle as dalle_cfg
-from configs import dalle_mini as dalle_mini_cfg
+from dalle_jax.configs import dalle as dalle_cfg
+from dalle_jax.configs import dalle_mini as dalle_mini_cfg
 from dalle_jax.models import dalle, dalle_mini
 from dalle_jax.sampling import decode
 
@@ -308,7 +308,7 @@ def test_bf16_weights_cast_once_change_no_logit(make):
 def test_sharded_sampling_equals_single_device(make):
   """data x fsdp x tensor = 2 x 2 x 2: parameters and KV cache really split, same codes."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import common  # pylint: disable=g-import-not-at-top
   from dalle_jax import parallel  # pylint: disable=g-import-not-at-top
   model = make()
   params = _init(model)

@@ -16,7 +16,7 @@ torch.set_num_threads(1)  # min_dalle sets cpu_count threads: 20x slower on a bu
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from configs import dalle_mini as cfg_mod  # noqa: E402
+from dalle_jax.configs import dalle_mini as cfg_mod  # noqa: E402
 from dalle_jax.convert import min_dalle as conv  # noqa: E402
 from dalle_jax.models import dalle_mini  # noqa: E402
 from dalle_jax.sampling import decode  # noqa: E402

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import dalle as dalle_cfg
-from configs import vqgan as vqgan_cfg
+from dalle_jax.configs import dalle as dalle_cfg
+from dalle_jax.configs import vqgan as vqgan_cfg
 from dalle_jax.models import dalle
 from dalle_jax.sampling import generate
 
@@ -335,7 +335,7 @@ def test_scanned_sparse_dalle_trains_previews_and_samples_on_8_devices(checkpoin
 
 
 def test_scanned_dalle_mini_trains_previews_and_samples(checkpoint, tmp_path):
-  from configs import dalle_mini as dalle_mini_cfg
+  from dalle_jax.configs import dalle_mini as dalle_mini_cfg
   config = dalle_mini_cfg.get_config("shapes")
   config.model.update(dict(text_vocab_size=0, text_len=8, num_layers=2, d_model=32, num_heads=4,
                            glu_dim=64))

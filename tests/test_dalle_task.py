@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from configs import dalle as dalle_cfg
-from configs import dalle_mini as dalle_mini_cfg
+from dalle_jax.configs import dalle as dalle_cfg
+from dalle_jax.configs import dalle_mini as dalle_mini_cfg
 from dalle_jax.tasks import dalle as dalle_task
 
 L, G, V = 6, 4, 16  # text length, code grid, codebook

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import diffusion as diffusion_cfg
+from dalle_jax.configs import diffusion as diffusion_cfg
 from dalle_jax.sampling import diffusion as sampling
 from dalle_jax.sampling import generate
 from dalle_jax.tasks import diffusion as diffusion_task

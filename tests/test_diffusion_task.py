@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from configs import diffusion as diffusion_cfg
+from dalle_jax.configs import diffusion as diffusion_cfg
 from dalle_jax import parallel
 from dalle_jax.tasks import diffusion as diffusion_task
 
@@ -193,7 +193,7 @@ def test_frozen_clip_text_tower(tmp_path):
   """text_encoder.clip: the CLIP tower's token states and embedding condition the U-Net;
   its parameters stay outside the trained tree, and its tokenizer is used."""
   import flax.linen as nn
-  from configs import clip as clip_cfg
+  from dalle_jax.configs import clip as clip_cfg
   from dalle_jax.data import tokenizers
   from dalle_jax.models import clip as clip_lib
   from dalle_jax.train import checkpoint as ckpt

@@ -354,7 +354,7 @@ def _random_variables(task_init, dummy, scale):
 
 
 def _save_vqgan(path):
-  from configs import vqgan as vqgan_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import vqgan as vqgan_cfg  # pylint: disable=g-import-not-at-top
   from dalle_jax.tasks import vqgan as vq_task  # pylint: disable=g-import-not-at-top
   from dalle_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   vq_config = vqgan_cfg.get_config("shapes")  # 32 px -> 8 x 8 codes
@@ -365,7 +365,7 @@ def _save_vqgan(path):
 
 def _save_ar(path, vqgan):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  from configs import dalle as dalle_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import dalle as dalle_cfg  # pylint: disable=g-import-not-at-top
   from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from dalle_jax.models import dalle  # pylint: disable=g-import-not-at-top
   from dalle_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
@@ -384,7 +384,7 @@ def _save_ar(path, vqgan):
 
 
 def _save_diffusion(path):
-  from configs import diffusion as diffusion_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import diffusion as diffusion_cfg  # pylint: disable=g-import-not-at-top
   from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
   from dalle_jax.tasks import diffusion as diffusion_task  # pylint: disable=g-import-not-at-top
   from dalle_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 
 import jax  # noqa: E402
 
-from configs import dalle_mini as cfg_mod  # noqa: E402
+from dalle_jax.configs import dalle_mini as cfg_mod  # noqa: E402
 from dalle_jax.convert import min_dalle as conv  # noqa: E402
 from dalle_jax import parallel  # noqa: E402
 from dalle_jax.data import records, shapes  # noqa: E402

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType
 
-from configs import imagen as imagen_cfg
+from dalle_jax.configs import imagen as imagen_cfg
 from dalle_jax import parallel
 from dalle_jax.diffusion import cascade as cascade_lib
 from dalle_jax.tasks import diffusion as diffusion_task

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import imagen as imagen_cfg
+from dalle_jax.configs import imagen as imagen_cfg
 from dalle_jax import parallel
 from dalle_jax.data import shapes
 from dalle_jax.diffusion import cascade as cascade_lib

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import DEFAULT_RULES
+from dalle_jax.configs.common import DEFAULT_RULES
 from dalle_jax.convert import diffusers_unet as dconv
 from dalle_jax.convert import karlo
 from dalle_jax.models import prior as prior_lib

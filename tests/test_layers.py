@@ -187,7 +187,7 @@ def test_attention_impl_is_chosen_by_config_and_checked():
 
 
 def common_rules():
-  from configs import common  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import common  # pylint: disable=g-import-not-at-top
   return common.DEFAULT_RULES
 
 

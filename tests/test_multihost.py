@@ -15,8 +15,8 @@ import sys
 import jax
 import numpy as np
 
-from configs import clip as clip_configs
-from configs import vqgan as vqgan_configs
+from dalle_jax.configs import clip as clip_configs
+from dalle_jax.configs import vqgan as vqgan_configs
 from dalle_jax import parallel
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import loop

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import vqgan as vqgan_cfg
+from dalle_jax.configs import vqgan as vqgan_cfg
 from dalle_jax.data import records, tokenizers
 from dalle_jax.tasks import vqgan as vq_task
 from dalle_jax.train import checkpoint as ckpt_lib

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
-from configs import common
-from configs import dalle as dalle_cfg
-from configs import dalle_mini as dalle_mini_cfg
+from dalle_jax.configs import common
+from dalle_jax.configs import dalle as dalle_cfg
+from dalle_jax.configs import dalle_mini as dalle_mini_cfg
 from dalle_jax import parallel
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import loop
@@ -63,7 +63,7 @@ def test_pod_presets_divide_params_and_optimizer_state_by_every_device(family, p
 def test_clip_vit_l14_beyond_256_devices_with_the_documented_2d_mesh():
   """configs/clip.py: widths 768 = 2^8 * 3 cap 'fsdp' at 256; the preset's 2-D rules
   then split the weights over 'data' as well (--config.mesh.fsdp=256 --config.mesh.data=-1)."""
-  from configs import clip as clip_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.configs import clip as clip_cfg  # pylint: disable=g-import-not-at-top
   config = clip_cfg.get_config("vit_l14")
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=256, tensor=1))
   abstract, shardings = _pod_state(config, 512)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import unclip as unclip_configs
+from dalle_jax.configs import unclip as unclip_configs
 from dalle_jax.data import images as img_lib
 from dalle_jax.data import pipeline
 from dalle_jax.data import records
@@ -127,7 +127,7 @@ def _fit(loss_fn, params, opt_cfg, steps, batches):
 def _trained_clip(hf, data_dir, out, steps=300):
   """The tiny HF CLIP trained contrastively on the shapes pairs (the prior needs a CLIP whose
   image embeddings follow the captions: a random one's are one direction plus noise)."""
-  from configs import common
+  from dalle_jax.configs import common
   from dalle_jax.sampling.clip_encoder import ClipEncoder
   from dalle_jax.tasks import clip as clip_task
   from dalle_jax.train import checkpoint

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import vqgan as vqgan_configs
+from dalle_jax.configs import vqgan as vqgan_configs
 from dalle_jax.tasks.base import get_task
 from dalle_jax.train import checkpoint as ckpt_lib
 from dalle_jax.train import loop

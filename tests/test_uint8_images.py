@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import clip as clip_configs
-from configs.common import base_config
-from configs import diffusion as diffusion_configs
-from configs import vqgan as vqgan_configs
+from dalle_jax.configs import clip as clip_configs
+from dalle_jax.configs.common import base_config
+from dalle_jax.configs import diffusion as diffusion_configs
+from dalle_jax.configs import vqgan as vqgan_configs
 from dalle_jax import parallel
 from dalle_jax.data import pipeline
 from dalle_jax.models import layers

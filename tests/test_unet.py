@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import DEFAULT_RULES
+from dalle_jax.configs.common import DEFAULT_RULES
 from dalle_jax.convert import diffusers_unet as conv_lib
 from dalle_jax.models import unet as unet_lib
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from configs import vqgan as vqgan_configs
+from dalle_jax.configs import vqgan as vqgan_configs
 from dalle_jax.models import discriminator as disc_lib
 from dalle_jax.models.lpips import LPIPS, VGG_CHANNELS, VGG_SLICES, load_lpips_params
 from dalle_jax.models.quantizer import VectorQuantizer

@@ -14,7 +14,7 @@ CAPTIONS = [f"a {c} {s} on a {b} background" for c in ("red", "green", "blue", "
 
 
 def tiny_vqgan_config(codebook_dim=4, l2_normalize=True):
-  from configs import vqgan as vqgan_configs
+  from dalle_jax.configs import vqgan as vqgan_configs
   c = vqgan_configs.get_config("shapes")
   c.model = vqgan_configs.model_config(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=0,
                                        attn_resolutions=(), resolution=32, z_channels=8,
@@ -56,7 +56,7 @@ def init_vqgan(config, seed=0):
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-  from configs import clip as clip_configs
+  from dalle_jax.configs import clip as clip_configs
   from dalle_jax.data.tokenizers import train_sentencepiece
   from dalle_jax.models import clip as clip_lib
   from dalle_jax.train.checkpoint import save_imported

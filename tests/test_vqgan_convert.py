@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import serialization, traverse_util
 import flax.linen as nn
 
-from configs import vqgan as vqgan_configs
+from dalle_jax.configs import vqgan as vqgan_configs
 from dalle_jax.convert import vqgan as convert_vqgan
 from dalle_jax.models.vqgan import vqgan_from_config
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.common import base_config
+from dalle_jax.configs.common import base_config
 from dalle_jax import parallel
 from dalle_jax.models import layers
 from dalle_jax.tasks.base import Task, to_uint8

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dalle_jax.configs import diffusion as diffusion_configs
 from dalle_jax.convert import common
 from dalle_jax.convert import diffusers_unet as dconv
 from dalle_jax.convert import hf_t5
@@ -256,7 +257,6 @@ def family_config(imp: IFImport, t5_path=""):
   config.deepfloyd_if: stage, text_len (77), context_mask (False: the U-Net attends to
   padding states), negative_prompt (""), and for stage II noise_level, the
   noising schedule and the low-res upsampling."""
-  from configs import diffusion as diffusion_configs  # pylint: disable=g-import-not-at-top
   try:
     c = diffusion_configs.imported_config(imp.unet_config, imp.scheduler.to_dict(),
                                           imp.sample_size, conditioning="text")

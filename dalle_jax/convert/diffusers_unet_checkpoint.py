@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 
+from dalle_jax.configs import diffusion as diffusion_configs
 from dalle_jax.convert import diffusers_unet
 from dalle_jax.diffusion import schedule as schedule_lib
 from dalle_jax.train import checkpoint
@@ -23,7 +24,6 @@ from dalle_jax.train import checkpoint
 
 def import_config(model_cfg, scheduler, sample_size):
   """The full family config of an imported U-Net (unconditional unless it embeds classes)."""
-  from configs import diffusion as diffusion_configs  # pylint: disable=g-import-not-at-top
   declared = diffusers_unet.unet_lib.parse_extra_embeds(model_cfg.get("extra_embeds", ()))
   if "class" in declared:
     raise diffusers_unet.ConversionError(

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from dalle_jax.configs import clip as clip_configs
 from dalle_jax.convert import common
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,6 @@ def read_hf_weights(src):
 
 def config_from_hf(hf, src=None):
   """Our CLIP config (configs/clip.py layout) for a HF CLIPConfig dict."""
-  from configs import clip as clip_configs  # pylint: disable=g-import-not-at-top
   tc, vc = hf["text_config"], hf["vision_config"]
   get = lambda d, k, default: d.get(k, default) if d.get(k) is not None else default
   acts = {get(tc, "hidden_act", "quick_gelu"), get(vc, "hidden_act", "quick_gelu")}

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from dalle_jax.configs.common import DEFAULT_RULES
 from dalle_jax.convert import common
 from dalle_jax.convert import hf_clip
 from dalle_jax.convert import karlo
@@ -113,7 +114,6 @@ def _lists(tree):
 
 def import_karlo(src):
   """Karlo's diffusers folder -> (config, variables, report lines)."""
-  from configs.common import DEFAULT_RULES  # pylint: disable=g-import-not-at-top
   src = os.path.abspath(os.path.expanduser(src))
   converted, schedulers, report = karlo.convert_karlo(src)
   if "prior" not in converted:

@@ -23,6 +23,8 @@ import shutil
 
 import numpy as np
 
+from dalle_jax.configs import dalle_mini as cfg_mod
+
 
 class ConversionError(ValueError):
   pass
@@ -170,7 +172,6 @@ def load_torch(path):
 
 
 def model_from_variant(variant):
-  from configs import dalle_mini as cfg_mod
   from dalle_jax.models import dalle_mini
   config = cfg_mod.get_config(variant)
   return config, dalle_mini.from_config(config.model, dtype=config.dtype,

@@ -38,6 +38,8 @@ import sys
 
 import numpy as np
 
+from dalle_jax.configs import vqgan as vqgan_configs
+
 FORMATS = ("taming", "min_dalle", "flax")
 
 
@@ -150,7 +152,6 @@ def infer_model_config(flat, resolution=256, decoder_only=False):
               if any(k.startswith(f"{side}/{level_name}_{i}/attn_") for k in flat)]
   codebook = get("quantize/codebook")
   z_channels = get("post_quant_conv/kernel").shape[-1]
-  from configs import vqgan as vqgan_configs
   m = vqgan_configs.model_config(
       ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_res,
       resolution=resolution, z_channels=z_channels, embed_dim=codebook.shape[1],
@@ -222,7 +223,6 @@ def export_taming_state_dict(params, min_dalle=False):
 def convert(src, fmt, resolution=256, zero_one_range=None):
   """Returns (config, variables) for a file in format `fmt`."""
   from flax import traverse_util
-  from configs import vqgan as vqgan_configs
   if fmt not in FORMATS:
     raise ConversionError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
   if fmt == "flax":

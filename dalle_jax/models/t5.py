@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dalle_jax.configs import common
 from dalle_jax.models import layers
 
 Dtype = Any
@@ -95,7 +96,6 @@ def model_config(vocab_size=32128, d_model=512, d_kv=64, num_heads=8, d_ff=2048,
 
 def get_config(preset="t5_v1_1_xxl", **overrides):
   """A full config (family "t5": inference only, no task) for a preset's dimensions."""
-  from configs import common  # pylint: disable=g-import-not-at-top
   if preset not in PRESETS:
     raise ValueError(f"unknown T5 preset {preset!r}; choose {' | '.join(PRESETS)}")
   c = ml_collections.ConfigDict()

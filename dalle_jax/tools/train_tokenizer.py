@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from dalle_jax.configs import common
+
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
@@ -34,7 +36,6 @@ def main(argv=None):
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-  from configs import common  # pylint: disable=g-import-not-at-top
   from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
 
   data_cfg = common.base_config().data
