@@ -144,6 +144,12 @@ IMAGEN_BASE64_UNET = dict(
     downsample_padding=1)
 
 
+# Imagen's diffusion: cosine schedule, v-prediction, dynamic thresholding (p 99.5, uncapped)
+IMAGEN_DIFFUSION = dict(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                        clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.995,
+                        sample_max_value=1e9, cond_drop_prob=0.1)
+
+
 def get_config(arg=None):
   name = common.parse_preset(arg, PRESETS, "shapes")
   c = common.base_config()
@@ -219,10 +225,7 @@ def get_config(arg=None):
     max_len.set(128)
     c.model.unet = unet_config(**IMAGEN_BASE64_UNET)
     c.model.text = text_model_config(vocab, max_len, width=1024, layers=12, heads=16)
-    c.diffusion = diffusion_config(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                                   clip_sample=False, thresholding=True,
-                                   dynamic_thresholding_ratio=0.995, sample_max_value=1e9,
-                                   cond_drop_prob=0.1)
+    c.diffusion = diffusion_config(**IMAGEN_DIFFUSION)
     c.data.dataset = "coco_captions"
     c.batch_size = 2048
     c.total_steps = 2_500_000

@@ -119,10 +119,7 @@ def _paper_sr(c, image_size, low_res_size, unet):
   c.model.unet = diffusion_configs.unet_config(**unet, context_dim=T5_XXL_WIDTH)
   c.text_encoder.t5 = T5_XXL_CHECKPOINT
   c.text.max_len = 128
-  c.diffusion = diffusion_configs.diffusion_config(
-      beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False,
-      thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1e9,
-      cond_drop_prob=0.1)
+  c.diffusion = diffusion_configs.diffusion_config(**diffusion_configs.IMAGEN_DIFFUSION)
   c.cascade = cascade_config(max_noise_level=1000, noise_level=250)
   c.batch_size = 4096  # Imagen: 4096 for the SR models
   c.total_steps = 2_500_000

@@ -74,6 +74,17 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, bin_half_width=1.0 /
   return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, log_mass))
 
 
+def loss_by_quarter(loss_b, t_b, num_train_timesteps, quarters=4):
+  """{"loss_t0".."loss_t3"}: the mean loss of this batch's rows in each quarter of the
+  timestep range (0 where no row fell), to see which noise levels a model has learned."""
+  q_b = jnp.minimum(t_b * quarters // num_train_timesteps, quarters - 1)
+  out = {}
+  for q in range(quarters):
+    in_q = (q_b == q).astype(jnp.float32)
+    out[f"loss_t{q}"] = jnp.sum(loss_b * in_q) / jnp.maximum(jnp.sum(in_q), 1.0)
+  return out
+
+
 def _mean_over_pixels(a_bhwc):
   return jnp.mean(a_bhwc, axis=tuple(range(1, a_bhwc.ndim)))
 

@@ -52,8 +52,6 @@ from dalle_jax.tasks import base
 
 log = logging.getLogger(__name__)
 
-NUM_QUARTERS = 4
-
 
 def scheduler_config(diffusion_cfg):
   """SchedulerConfig from `config.diffusion` (its scheduler keys; the loss keys are skipped)."""
@@ -325,12 +323,7 @@ class DiffusionTask(base.Task):
     d = self.config.diffusion
     loss_b, t_b = self.diffusion.training_loss(
         model_fn, x0, k_loss, weighting=d.loss_weighting, min_snr_gamma=float(d.min_snr_gamma))
-    metrics = {}
-    q_b = jnp.minimum(t_b * NUM_QUARTERS // self.sched.num_train_timesteps, NUM_QUARTERS - 1)
-    for q in range(NUM_QUARTERS):
-      in_q = (q_b == q).astype(jnp.float32)
-      # mean over this step's rows in the quarter (0 when none fell there)
-      metrics[f"loss_t{q}"] = jnp.sum(loss_b * in_q) / jnp.maximum(jnp.sum(in_q), 1.0)
+    metrics = gaussian.loss_by_quarter(loss_b, t_b, self.sched.num_train_timesteps)
     return jnp.mean(loss_b), metrics
 
   def loss_fn(self, params, model_state, batch, rng, step):

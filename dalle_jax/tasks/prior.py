@@ -37,7 +37,6 @@ from dalle_jax.models import prior as prior_lib
 from dalle_jax.tasks import diffusion as diffusion_task
 from dalle_jax.tasks import base
 
-NUM_QUARTERS = 4
 EMPTY_SPLIT = "empty_caption"
 FEATURES = ("text_embed", "text_states", "text_mask", "image_embed")
 
@@ -184,10 +183,7 @@ class PriorTask(base.Task):
     cos_b = jnp.sum(pred_e * true_e, -1) / jnp.maximum(
         jnp.linalg.norm(pred_e, axis=-1) * jnp.linalg.norm(true_e, axis=-1), 1e-12)
     metrics = {"x0_cosine": jnp.mean(jax.lax.stop_gradient(cos_b))}
-    q_b = jnp.minimum(t_b * NUM_QUARTERS // self.sched.num_train_timesteps, NUM_QUARTERS - 1)
-    for q in range(NUM_QUARTERS):
-      in_q = (q_b == q).astype(jnp.float32)
-      metrics[f"loss_t{q}"] = jnp.sum(loss_b * in_q) / jnp.maximum(jnp.sum(in_q), 1.0)
+    metrics.update(gaussian.loss_by_quarter(loss_b, t_b, self.sched.num_train_timesteps))
     return jnp.mean(loss_b), metrics
 
   def loss_fn(self, params, model_state, batch, rng, step):
