@@ -334,6 +334,8 @@ def test_scanned_sparse_dalle_trains_previews_and_samples_on_8_devices(checkpoin
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# train + preview + sample (48 s); the scanned paper-layout test covers the same path
+@pytest.mark.slow
 def test_scanned_dalle_mini_trains_previews_and_samples(checkpoint, tmp_path):
   from dalle_jax.configs import dalle_mini as dalle_mini_cfg
   config = dalle_mini_cfg.get_config("shapes")

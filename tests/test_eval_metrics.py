@@ -13,6 +13,8 @@ def _rows(workdir):
     return [json.loads(line) for line in f if line.strip()]
 
 
+# a whole training run (90 s); the fast suite checks generate's scores against fid/clip_score
+@pytest.mark.slow
 def test_diffusion_run_logs_clip_score_equal_to_evaluate_generate(tmp_path, capsys):
   """A 2-step diffusion run with eval_metrics.every=2 logs eval/clip_score of 4 samples of
   its sampling.prompts; `evaluate generate` on the saved workdir (same EMA parameters,

@@ -116,6 +116,8 @@ def test_training_input_is_the_images_own_low_res_version():
     plain.sample(jnp.zeros((1, 4, 4, 3)), 16, 0, jnp.zeros((1, 16, 16, 3)))
 
 
+# a training run (54 s); test_cascade trains and samples SR stages in the fast suite
+@pytest.mark.slow
 def test_sr_stage_on_pre_encoded_t5_states():
   """text_encoder.t5: records carry text_states / text_mask (the trainer never runs T5); the
   U-Net attends to and pools them; caption dropout swaps in the negative prompt's states."""

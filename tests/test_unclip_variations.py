@@ -58,6 +58,8 @@ def setup(tmp_path_factory):
   return pipe, ckpt, clip, images, root
 
 
+# 32 s; the CLI test runs interpolation and its frames in the fast suite
+@pytest.mark.slow
 def test_interpolation_ends_are_the_end_images_variations(setup):
   pipe, _, _, images, _ = setup
   frames = pipe.interpolate(images["a"], images["b"], frames=3, seed=5, **STEPS)
