@@ -1,23 +1,26 @@
 """The shapes demo, end to end on CPU: `make demo` / `python -m dalle_jax.tools.demo --out demo`.
 
   1. build the synthetic shapes dataset              -> OUT/data
-  2. train the VQGAN `shapes` preset                  -> OUT/vqgan
-  3. encode the dataset to VQGAN codes                -> OUT/data/shapes_codes
-  4. train the DALL·E `shapes` preset on the codes    -> OUT/dalle
-  5. train the CLIP `shapes` preset                   -> OUT/clip
-  6. sample prompts, rerank with CLIP                 -> OUT/samples.png (+ the images)
-  7. measure how often samples follow their prompts   -> OUT/report.json
-  8. train the diffusion `shapes` preset (16 px), sample the prompts with guided DDIM
+  then two chains at once (their processes leave each other's cores idle time):
+  2a. train the VQGAN `shapes` preset                 -> OUT/vqgan
+  3a. encode the dataset to VQGAN codes               -> OUT/data/shapes_codes
+  4a. train the DALL·E `shapes` preset on the codes   -> OUT/dalle
+  2b. train the CLIP `shapes` preset                  -> OUT/clip
+  3b. train the diffusion `shapes` preset (16 px), sample the prompts with guided DDIM
                                                       -> OUT/diffusion, OUT/diffusion_samples.png
-     (its prompt-following rates go into OUT/report.json as diffusion_follow_rate)
+  5. sample the prompts with DALL·E, rerank with CLIP -> OUT/samples.png (+ the images)
+  6. measure how often samples follow their prompts   -> OUT/report.json
+     (follow_rate for DALL·E, diffusion_follow_rate for the diffusion model)
 
-Each stage runs the same public command a user would; a stage whose workdir is
-already complete is skipped (training resumes), so an interrupted demo continues.
+Each stage runs the same public command a user would (its output in OUT/logs/STAGE.log); a
+stage whose workdir is already complete is skipped (training resumes), so an interrupted
+demo continues.
 """
 import argparse
 import glob
 import json
 import os
+import concurrent.futures
 import subprocess
 import sys
 import time
@@ -36,8 +39,9 @@ PROMPTS = [
 ]
 
 
-def run(cmd, log):
-  print(f"\n$ {' '.join(cmd)}", flush=True)
+def run(cmd, log, tag):
+  """Runs one stage's command, its output to `log`; progress lines echoed with `tag`."""
+  print(f"[{tag}] $ {' '.join(cmd)}", flush=True)
   t = time.time()
   with open(log, "a") as f:
     f.write(f"\n$ {' '.join(cmd)}\n")
@@ -46,10 +50,11 @@ def run(cmd, log):
     for line in proc.stdout:
       f.write(line)
       if line.startswith(("step ", "eval ", "error", "Traceback")) or "PSNR" in line or "%|" not in line and "WARNING" in line:
-        print("  " + line.rstrip()[:160], flush=True)
+        print(f"[{tag}]  " + line.rstrip()[:150], flush=True)
     proc.wait()
   if proc.returncode:
-    raise SystemExit(f"demo stage failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
+    raise SystemExit(f"demo stage {tag} failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
+  print(f"[{tag}] done in {time.time() - t:.0f} s", flush=True)
   return time.time() - t
 
 
@@ -61,41 +66,58 @@ def main(argv=None):
   p.add_argument("--fast", action="store_true", help="much shorter training (smoke test)")
   args = p.parse_args(argv)
   out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
-  log = os.path.join(out, "demo.log")
+  logs = os.path.join(out, "logs")
+  os.makedirs(logs, exist_ok=True)
   data = os.path.join(out, "data")
   py = sys.executable
   short = ["--config.total_steps=30", "--config.eval_every=15", "--config.preview_every=30",
            "--config.checkpoint_every=30"] if args.fast else []
   times = {}
+  start = time.time()
 
-  def train(family, workdir, *extra):
-    return run([py, "train.py", "--config", f"configs/{family}.py:shapes", "--workdir", workdir,
-                f"--config.data.data_dir={data}", *short, *extra], log)
+  def stage(tag, cmd):
+    times[tag] = run(cmd, os.path.join(logs, f"{tag}.log"), tag)
 
-  times["vqgan"] = train("vqgan", os.path.join(out, "vqgan"))
+  def train(family, *extra):
+    stage(family, [py, "train.py", "--config", f"configs/{family}.py:shapes",
+                   "--workdir", os.path.join(out, family), f"--config.data.data_dir={data}",
+                   *short, *extra])
+
+  def with_prompts(cmd):
+    for prompt in PROMPTS:
+      cmd += ["--prompt", prompt]
+    return cmd
+
+  stage("data", [py, "-m", "dalle_jax.tools.build_dataset", "shapes", "--data_dir", data,
+                 "--image_size", "32", "--num_examples", "5000"])
   codes = os.path.join(data, "shapes_codes")
-  times["encode"] = run([py, "-m", "dalle_jax.tools.encode_dataset", "--vqgan", os.path.join(out, "vqgan"),
-                         "--data_dir", data, "--dataset", "shapes", "--out", codes], log)
-  times["dalle"] = train("dalle", os.path.join(out, "dalle"), f"--config.data.dataset={codes}")
-  times["clip"] = train("clip", os.path.join(out, "clip"))
+
+  def autoregressive():
+    train("vqgan")
+    stage("encode", [py, "-m", "dalle_jax.tools.encode_dataset", "--vqgan", os.path.join(out, "vqgan"),
+                     "--data_dir", data, "--dataset", "shapes", "--out", codes])
+    train("dalle", f"--config.data.dataset={codes}")
+
+  def clip_and_diffusion():
+    train("clip")  # first: the diffusion model then reuses the captions' cached tokenizer
+    train("diffusion")
+    stage("diffusion_sample", with_prompts([
+        py, "sample.py", "--method", "diffusion", "--workdir", os.path.join(out, "diffusion"),
+        "--sampler", "ddim", "--steps", "25", "--guidance_scale", "3",
+        "--num_images", str(args.num_images), "--seed", "0",
+        "--out", os.path.join(out, "diffusion_samples.png")]))
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    chains = [pool.submit(autoregressive), pool.submit(clip_and_diffusion)]
+    for chain in chains:
+      chain.result()  # a failed stage's SystemExit surfaces here
 
   grid = os.path.join(out, "samples.png")
-  cmd = [py, "sample.py", "--workdir", os.path.join(out, "dalle"), "--num_images", str(args.num_images),
-         "--seed", "0", "--out", grid, "--rerank_with", os.path.join(out, "clip"),
-         "--rerank_top", str(args.rerank_top)]
-  for prompt in PROMPTS:
-    cmd += ["--prompt", prompt]
-  times["sample"] = run(cmd, log)
-
-  times["diffusion"] = train("diffusion", os.path.join(out, "diffusion"))
-  diff_grid = os.path.join(out, "diffusion_samples.png")
-  cmd = [py, "sample.py", "--method", "diffusion", "--workdir", os.path.join(out, "diffusion"),
-         "--sampler", "ddim", "--steps", "25", "--guidance_scale", "3",
-         "--num_images", str(args.num_images), "--seed", "0", "--out", diff_grid]
-  for prompt in PROMPTS:
-    cmd += ["--prompt", prompt]
-  times["diffusion_sample"] = run(cmd, log)
+  stage("sample", with_prompts([
+      py, "sample.py", "--workdir", os.path.join(out, "dalle"), "--num_images", str(args.num_images),
+      "--seed", "0", "--out", grid, "--rerank_with", os.path.join(out, "clip"),
+      "--rerank_top", str(args.rerank_top)]))
+  times["total"] = time.time() - start
 
   report = {"seconds": {k: round(v, 1) for k, v in times.items()}}
   report.update(score_samples(out))
