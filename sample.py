@@ -39,7 +39,15 @@ or DeepFloyd IF imported with `python -m dalle_jax.tools.convert deepfloyd_if`):
 unCLIP (DALL·E 2; Karlo imported with `python -m dalle_jax.tools.convert karlo`):
   python sample.py --method unclip --checkpoint C --prompt "..." --num_images N --seed S \
       [--prior_steps 25 --decoder_steps 25 --sr_steps 7 --prior_guidance_scale 4 \
-       --decoder_guidance_scale 8] [--init_noise x_T.npz] [--mesh D,F,T] --out grid.png
+       --decoder_guidance_scale 8] [--init_noise x_T.npz] [--mesh D,F,T] \
+      [--rerank_with CLIP --rerank_top K] --out grid.png
+  from images, with an image tower --clip CLIP (convert karlo keeps only the text tower):
+  python sample.py --method unclip --checkpoint C --clip CLIP --variations IMAGE --num_images N --out v.png
+  python sample.py --method unclip --checkpoint C --clip CLIP --interpolate A B --frames N --out i.png
+  python sample.py --method unclip --checkpoint C --clip CLIP --text_diff "from" "to" --image IMAGE \
+      --frames N --out d.png
+  python sample.py --method unclip --checkpoint C --clip CLIP --edit IMAGE --mask MASK --prompt "..." \
+      --out e.png      (mask: white = regenerate, black = keep)
 """
 import argparse
 import sys
