@@ -46,7 +46,7 @@ def _inputs(root):
 
 
 @pytest.mark.slow
-def test_scanned_sparse_paper_dalle_trains_and_previews_on_two_processes(tmp_path):
+def test_scanned_sparse_paper_dalle_trains_previews_and_samples_on_two_processes(tmp_path):
   _inputs(tmp_path)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -82,3 +82,23 @@ def test_scanned_sparse_paper_dalle_trains_and_previews_on_two_processes(tmp_pat
   assert previews, outs[0][-3000:]
   grid = np.asarray(Image.open(previews[-1]))  # 2 prompts x (truth + 2 samples) of 32 px
   assert grid.shape[0] > 2 * 32 and grid.shape[1] > 3 * 32
+
+  # sample.py --workdir on the same two processes (each restores its shards of the scanned
+  # weights) writes, from process 0 alone, the images one process over 8 devices writes
+  sample = [sys.executable, "sample.py", "--workdir", str(workdir), "--prompt", CAPTIONS[0],
+            "--num_images", "2", "--top_k", "1", "--mesh", "2,4,1", "--seed", "0"]
+  one = subprocess.run(
+      sample + ["--out", str(tmp_path / "one.png")], cwd=ROOT, capture_output=True, text=True,
+      env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"), timeout=900)
+  assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      sample + ["--out", str(tmp_path / "two.png"), "--coordinator_address", f"127.0.0.1:{port}",
+                "--num_processes", "2", "--process_id", str(i)], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  outs = [p.communicate(timeout=900)[0].decode() for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "two.png")),
+                                np.asarray(Image.open(tmp_path / "one.png")))
