@@ -178,12 +178,12 @@ def get_config(arg=None):
                                    cond_drop_prob=0.1)
     c.data.dataset = "shapes/32px_5000"
     c.batch_size = 64
-    c.total_steps = 800
+    c.total_steps = 600
     c.log_every = 50
-    c.eval_every = 400
+    c.eval_every = 300
     c.eval_batches = 2
     c.preview_every = 0
-    c.checkpoint_every = 400
+    c.checkpoint_every = 300
     c.dtype = "float32"  # CPU: bf16 convolutions are no faster there (measured)
     c.ema_decay = 0.99  # a short run: the average must follow within ~100 steps
     c.optimizer = common.optimizer_config("adamw", lr=2e-3)
