@@ -14,10 +14,11 @@ workdir's config.json records which VQGAN produced its codes.
 
 Presets:
   shapes  4 layers, d 192, 16 text + 8x8 codes (VQGAN shapes preset, 128 codes), bf16;
-          2500 steps, 7-9.5 minutes on a 2-core CPU: image_loss falls from
-          ln(128)=4.85 to ~0.7. Measured on the demo prompts (24 kept samples): colour
-          and background followed 100%, shape 67-71% (2000 steps in f32: 46%; 3000 steps:
-          69-73%). Raise --config.total_steps for cleaner shapes.
+          2000 steps (~4 steps/s on 2 free cores: ~8.5 minutes, 12 in the demo beside the
+          diffusion stage): image_loss falls from ln(128)=4.85 to ~0.67. Measured on the
+          demo prompts (24 kept samples): colour and background followed 100%, shape 62.5%
+          (2500 steps: 67-71%; 3000 steps: 69-73%). Raise --config.total_steps for cleaner
+          shapes.
   small   12 layers, d 768, 64 text + 16x16 codes (f16_16384 VQGAN), full attention.
   paper   DALL·E's 12B layout: 64 layers, d 3968, 62 heads, 256 BPE text + 32x32
           codes (8192), row/column/conv sparse attention (block-sparse in training:
