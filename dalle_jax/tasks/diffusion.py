@@ -8,6 +8,17 @@ token states computed outside (`config.text_encoder.t5` = its checkpoint; the
 batch carries `text_states` + `text_mask`, as an imported DeepFloyd IF stage), on
 a class label, or on nothing (`config.model.conditioning` = text | class | none).
 
+unCLIP's decoder (`config.model.conditioning = "clip_image"`, dalle_jax/models/unclip.py,
+presets in configs/unclip.py): the U-Net conditioned on the frozen CLIP
+`config.text_encoder.clip`'s raw image embedding of the training image (computed inside
+the step from the batch's `clip_image`, the same example at the CLIP's resolution) and
+on its caption's raw text embedding and token states, through Karlo's text projection
+(extra context tokens + a time-embedding addition). The caption is dropped with
+probability `config.diffusion.cond_drop_prob` and, independently, the image embedding
+(swapped for the learned null embedding) with `config.diffusion.image_drop_prob`.
+T5 records come from `tools.encode_dataset --t5`; their `empty_caption` split holds the
+blank caption's states (`null_text`: caption dropout and guidance), read with the data.
+
 Super-resolution stage (Imagen / IF stage II / unCLIP's upsamplers) when
 `config.model.low_res_size` > 0: the U-Net also sees a low-resolution version of
 the image, made inside the step from the batch's full-size image (no other data
@@ -33,6 +44,7 @@ captions in `config.sampling.prompts`; for a super-resolution stage, rows of
 """
 import dataclasses
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +53,21 @@ import numpy as np
 from dalle_jax import parallel
 from dalle_jax.data import images as images_lib
 from dalle_jax.data import pipeline
+from dalle_jax.data import records
 from dalle_jax.diffusion import cascade as cascade_lib
 from dalle_jax.diffusion import gaussian
 from dalle_jax.diffusion import guidance as guidance_lib
+from dalle_jax.diffusion import inpaint as inpaint_lib
 from dalle_jax.diffusion import samplers
 from dalle_jax.diffusion import schedule as schedule_lib
 from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import text2im
+from dalle_jax.models import unet as unet_lib
+from dalle_jax.models import unclip as unclip_lib
 from dalle_jax.tasks import base
 
 log = logging.getLogger(__name__)
+T5_EMPTY_SPLIT = "empty_caption"  # records of T5 states: the blank caption's (tools.encode_dataset)
 
 
 def scheduler_config(diffusion_cfg):
@@ -92,7 +109,8 @@ def low_res_conditioning(config):
 
 
 class FrozenClipText:
-  """A CLIP text tower held fixed: ids, mask -> (token states (B, T, D), unit embedding (B, E))."""
+  """A CLIP text tower held fixed: ids, mask -> (token states (B, T, D), embedding (B, E),
+  unit norm unless normalize=False); `encode_image` is its image tower's raw embedding."""
 
   def __init__(self, path, dtype="float32"):
     from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
@@ -105,13 +123,21 @@ class FrozenClipText:
     self.params = {"params": variables["params"]}
     t = self.config.model.text
     self.width, self.embed_dim, self.max_len = int(t.width), int(self.config.model.embed_dim), int(t.max_len)
+    self.image_size = int(self.config.model.vision.image_size)
 
-  def __call__(self, ids_bt, mask_bt):
+  def __call__(self, ids_bt, mask_bt, normalize=True):
     emb_be, state = self.model.apply(
-        jax.lax.stop_gradient(self.params), ids_bt, mask_bt, method=clip_lib.CLIP.encode_text,
+        jax.lax.stop_gradient(self.params), ids_bt, mask_bt, normalize,
+        method=clip_lib.CLIP.encode_text,
         capture_intermediates=lambda mdl, _: mdl.name == "ln_final")
     states_btd = state["intermediates"]["text"]["ln_final"]["__call__"][0]
     return jax.lax.stop_gradient(states_btd), jax.lax.stop_gradient(emb_be)
+
+  def encode_image(self, images_bhwc):
+    """Images (B, S, S, 3) in [-1, 1] at the CLIP's size -> raw embeddings (B, E) f32."""
+    emb_be = self.model.apply(jax.lax.stop_gradient(self.params), images_bhwc, False,
+                              method=clip_lib.CLIP.encode_image)
+    return jax.lax.stop_gradient(emb_be.astype(jnp.float32))
 
 
 class DiffusionTask(base.Task):
@@ -136,7 +162,16 @@ class DiffusionTask(base.Task):
     # model attends to them all (IF)
     self.context_mask = bool(if_cfg.get("context_mask", True))
     self.null_text = None  # T5: (states (L, D), mask (L,)) of the negative prompt (the caller's)
-    if self.conditioning == "text" and clip_path:
+    self.clip_image_size = None  # clip_image: the CLIP's input size (batch["clip_image"])
+    if self.conditioning == "clip_image":  # unCLIP's decoder
+      if not clip_path:
+        raise ValueError("config.model.conditioning='clip_image' needs config.text_encoder.clip "
+                         "(the CLIP whose image embeddings condition the decoder)")
+      self.frozen = FrozenClipText(clip_path, dtype=config.dtype)
+      self.model = unclip_lib.build_decoder(config)
+      self.text_len = self.frozen.max_len
+      self.clip_image_size = self.frozen.image_size
+    elif self.conditioning == "text" and clip_path:
       self.frozen = FrozenClipText(clip_path, dtype=config.dtype)
       self.model = text2im.build(config, text_width=self.frozen.width)
       self.text_len = self.frozen.max_len
@@ -159,6 +194,15 @@ class DiffusionTask(base.Task):
     elif self.is_sr and if_cfg.get("stage") == "II":
       self.level_embed = "class"  # IF's noise level goes in as class_labels
     self.low_res_size = self.sr.low_res_size if self.sr is not None else None
+    # GLIDE's inpainting layout: the masked image ++ mask are extra U-Net inputs; training
+    # masks are drawn inside the step (config.inpaint, dalle_jax/diffusion/inpaint.py)
+    self.inpaint = bool(m.unet.get("inpaint", False))
+    self.masks = None
+    if self.inpaint:
+      if self.conditioning not in ("text", "class", "none"):
+        raise ValueError(f"config.model.unet.inpaint: not supported with config.model."
+                         f"conditioning={self.conditioning!r} (text | class | none)")
+      self.masks = inpaint_lib.MaskConfig.from_config(config.get("inpaint"))
 
   # --- text ---------------------------------------------------------------------
   @property
@@ -195,15 +239,29 @@ class DiffusionTask(base.Task):
       states, mask = self.null_text
       return {"text_states": np.repeat(np.asarray(states, np.float32)[None], n, 0),
               "text_mask": np.repeat(np.asarray(mask, bool)[None], n, 0)}
-    if self.conditioning == "text":
+    if self.conditioning in ("text", "clip_image"):
       ids, mask = self.blank_text()
-      return {"text_ids": np.repeat(ids[None], n, 0), "text_mask": np.repeat(mask[None], n, 0)}
+      out = {"text_ids": np.repeat(ids[None], n, 0), "text_mask": np.repeat(mask[None], n, 0)}
+      if self.conditioning == "clip_image":  # the learned null image embedding
+        out.update(image_embed=np.zeros((n, self.frozen.embed_dim), np.float32),
+                   drop_image=np.ones((n,), bool))
+      return out
     if self.conditioning == "class":
       return {"label": np.full((n,), int(self.config.model.num_classes), np.int32)}
     return {}
 
   def cond_of(self, batch):
-    """The conditioning entries of a batch (text ids + mask, or label, or none)."""
+    """The conditioning entries of a batch (text ids + mask, or label, or none; clip_image:
+    the caption's ids + mask and the image embedding, from the frozen CLIP's image tower
+    unless the batch brings `image_embed`, plus `drop_image` (B,) bool)."""
+    if self.conditioning == "clip_image":
+      out = {k: batch[k] for k in ("text_ids", "text_mask")}
+      out["image_embed"] = (jnp.asarray(batch["image_embed"], jnp.float32)
+                            if "image_embed" in batch else self.frozen.encode_image(
+                                pipeline.normalize_images(batch["clip_image"])))
+      n = out["image_embed"].shape[0]
+      out["drop_image"] = batch.get("drop_image", jnp.zeros((n,), bool))
+      return out
     keys = {"text": ("text_ids", "text_mask"), "class": ("label",), "none": ()}[self.conditioning]
     if self.t5_states:
       keys = ("text_states", "text_mask")
@@ -215,20 +273,37 @@ class DiffusionTask(base.Task):
       mask = jnp.asarray(cond["text_mask"]).astype(bool)
       return dict(context=jnp.asarray(cond["text_states"]).astype(jnp.float32),
                   context_mask=mask if self.context_mask else None, embeds={})
-    return self.model.apply({"params": params}, self.model_cond(cond),
-                            method=text2im.Text2Im.encode)
+    return self.model.apply({"params": params}, self.model_cond(cond), method="encode")
 
   def model_cond(self, cond):
     """Batch conditioning -> the model's: a frozen encoder's states replace the ids."""
-    if self.frozen is None or self.conditioning != "text":
+    if self.frozen is None or self.conditioning not in ("text", "clip_image"):
       return cond
-    states, pooled = self.frozen(cond["text_ids"].astype(jnp.int32), cond["text_mask"])
-    return {"text_states": states.astype(jnp.float32), "text_pooled": pooled,
-            "text_mask": cond["text_mask"]}
+    # unCLIP's decoder reads the raw CLIP text embedding (as the prior and Karlo do)
+    states, pooled = self.frozen(cond["text_ids"].astype(jnp.int32), cond["text_mask"],
+                                 normalize=self.conditioning != "clip_image")
+    out = {"text_states": states.astype(jnp.float32), "text_pooled": pooled,
+           "text_mask": cond["text_mask"]}
+    if self.conditioning == "clip_image":
+      out.update(image_embed=cond["image_embed"], drop_image=cond["drop_image"])
+    return out
 
   def drop_cond(self, cond, rng, p):
-    """Replaces each row's conditioning by the null one with probability p."""
+    """Replaces each row's conditioning by the null one with probability p (clip_image: the
+    caption with p and, independently, the image embedding with diffusion.image_drop_prob)."""
+    if self.conditioning == "clip_image":
+      k_text, k_image = jax.random.split(rng)
+      text = self._drop_rows({k: cond[k] for k in ("text_ids", "text_mask")}, k_text, p)
+      n = cond["drop_image"].shape[0]
+      p_image = float(self.config.diffusion.get("image_drop_prob", 0.0))
+      drop_b = jax.random.bernoulli(k_image, p_image, (n,)) if p_image > 0 else False
+      return dict(cond, **text, drop_image=jnp.logical_or(cond["drop_image"], drop_b))
     if p <= 0 or self.conditioning == "none":
+      return cond
+    return self._drop_rows(cond, rng, p)
+
+  def _drop_rows(self, cond, rng, p):
+    if p <= 0:
       return cond
     any_leaf = next(iter(cond.values()))
     n = any_leaf.shape[0]
@@ -241,25 +316,68 @@ class DiffusionTask(base.Task):
     return out
 
   # --- data ---------------------------------------------------------------------
+  def make_iterator(self, split, batch_size, *, shuffle=True, repeat=True):
+    if self.t5_states and self.null_text is None:
+      self.null_text = self.read_null_text()  # before anything compiles: the records checked
+    if self.conditioning == "clip_image":  # images at the larger of the decoder's and the
+      data = self.config.data.copy_and_resolve_references()  # CLIP's sizes: preprocess
+      with data.unlocked():  # resizes them to each
+        data.image_size = max(self.image_size, self.clip_image_size)
+      return pipeline.make_iterator(data, split, batch_size, seed=self.config.seed,
+                                    preprocess=self.preprocess, shuffle=shuffle, repeat=repeat)
+    return super().make_iterator(split, batch_size, shuffle=shuffle, repeat=repeat)
+
+  def read_null_text(self):
+    """(states (L, D), mask (L,)) of the blank caption from the T5 records' empty_caption
+    split, after checking the records' states against config.text.max_len / context_dim."""
+    d = self.config.data
+    source = pipeline.load_source(d, d.train_split)
+    how = "write them with `python -m dalle_jax.tools.encode_dataset --t5 T5 ...`"
+    if not isinstance(source, records.RecordsSource) or "text_states" not in source.features:
+      raise ValueError(f"config.text_encoder.t5: the dataset holds no pre-encoded text_states; {how}")
+    shape = tuple(source.features["text_states"]["shape"])
+    if shape != (self.text_len, self.text_width):
+      raise ValueError(f"the records' text_states are {shape[0]} tokens x {shape[-1]}; set "
+                       f"config.text.max_len={shape[0]} and config.model.unet.context_dim="
+                       f"{shape[-1]} (now {self.text_len} and {self.text_width})")
+    written, given = source.meta.get("t5"), self.t5_path
+    given = given if "://" in given else os.path.abspath(os.path.expanduser(given))
+    if written and given and written != given:
+      log.warning("records encoded with T5 %s; config.text_encoder.t5=%s encodes prompts at "
+                  "sampling: they must be the same encoder", written, self.t5_path)
+    try:
+      empty = records.RecordsSource(source.out_dir, T5_EMPTY_SPLIT)[0]
+    except ValueError:
+      raise ValueError(f"no {T5_EMPTY_SPLIT!r} split (the blank caption's T5 states, for "
+                       f"caption dropout and guidance); {how}") from None
+    return np.asarray(empty["text_states"], np.float32), np.asarray(empty["text_mask"], bool)
+
   def preprocess(self, example):
     """Keeps image (H, W, C) float32 in [-1, 1] plus text_ids/text_mask or label."""
     image = np.asarray(example["image"])
     if image.dtype != np.uint8:  # uint8 (data.image_dtype) is scaled in the step
       image = image.astype(np.float32)
+    clip_image = None
+    if self.conditioning == "clip_image":  # read at the larger size (make_iterator)
+      clip_image = self._resized(image, self.clip_image_size)
+      image = self._resized(image, self.image_size)
     s, c = self.image_size, self.channels
     if image.shape != (s, s, c):
       raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, {c}): "
                        f"set config.data.image_size={s}")
     out = {"image": image}
+    if clip_image is not None:
+      out["clip_image"] = clip_image
     if self.t5_states:  # pre-encoded records
       if "text_states" not in example or "text_mask" not in example:
         raise KeyError(f"config.text_encoder.t5: records need pre-encoded text_states and "
                        f"text_mask; example has fields {sorted(example)}")
       out.update(text_states=np.asarray(example["text_states"], np.float32),
                  text_mask=np.asarray(example["text_mask"], bool))
-    elif self.conditioning == "text":
+    elif self.conditioning in ("text", "clip_image"):
       if "caption" not in example:
-        raise KeyError(f"conditioning='text' needs captions; example has fields {sorted(example)}")
+        raise KeyError(f"conditioning={self.conditioning!r} needs captions; example has fields "
+                       f"{sorted(example)}")
       ids, mask = self.tokenize([example["caption"]])
       out.update(text_ids=ids[0], text_mask=mask[0])
     elif self.conditioning == "class":
@@ -270,13 +388,26 @@ class DiffusionTask(base.Task):
     example.update(out)
     return example
 
+  @staticmethod
+  def _resized(image, size):
+    """An example's image (H, W, C), uint8 or float in [-1, 1], at size x size (PIL's
+    antialiased resize of the uint8 image, as the input pipeline's)."""
+    if image.shape[0] == size and image.shape[1] == size:
+      return image
+    if image.dtype == np.uint8:
+      return images_lib.resize_and_crop(image, size)
+    return images_lib.to_float(images_lib.resize_and_crop(images_lib.to_uint8(image), size))
+
   def dummy_batch(self, batch_size):
     s, c = self.image_size, self.channels
     out = {"image": np.zeros((batch_size, s, s, c), np.float32)}
+    if self.conditioning == "clip_image":
+      k = self.clip_image_size
+      out["clip_image"] = np.zeros((batch_size, k, k, 3), np.float32)
     if self.t5_states:
       out.update(text_states=np.zeros((batch_size, self.text_len, self.text_width), np.float32),
                  text_mask=np.ones((batch_size, self.text_len), bool))
-    elif self.conditioning == "text":
+    elif self.conditioning in ("text", "clip_image"):
       out.update(text_ids=np.zeros((batch_size, self.text_len), np.int32),
                  text_mask=np.ones((batch_size, self.text_len), bool))
     elif self.conditioning == "class":
@@ -292,6 +423,17 @@ class DiffusionTask(base.Task):
     low = jnp.zeros((b, s, s, self.channels), jnp.float32)
     return low, {self.level_embed: jnp.zeros((b,), jnp.int32)} if self.level_embed else {}
 
+  def _inpaint_kw(self, x_bhwc, known=None):
+    """{'inpaint': masked image ++ mask (B, H, W, C + 1)} for an inpainting model, {} for
+    others. known: {'x0', 'mask' (1 = known)}; None = nothing known (init, FLOP counting,
+    sampling without an edit)."""
+    if not self.inpaint:
+      return {}
+    if known is None:
+      return {"inpaint": jnp.zeros(tuple(x_bhwc.shape[:-1]) + (x_bhwc.shape[-1] + 1,),
+                                   jnp.float32)}
+    return {"inpaint": unet_lib.inpaint_input(known["x0"], known["mask"])}
+
   def init(self, rng, batch):
     cond = jax.tree.map(lambda x: x[:1], self.cond_of(batch))
     x = jnp.zeros((1,) + tuple(batch["image"].shape[1:]), jnp.float32)
@@ -301,8 +443,13 @@ class DiffusionTask(base.Task):
     if self.t5_states:  # no text module: the U-Net alone
       enc = self.encode(None, cond)
       enc["embeds"] = dict(enc["embeds"], **embeds)
-      return self.model.init(rngs, x, t, **enc, low_res=low, method=text2im.Text2Im.denoise)
-    return self.model.init(rngs, x, t, self.model_cond(cond), low_res=low, embeds=embeds)
+      return self.model.init(rngs, x, t, **enc, low_res=low, method=text2im.Text2Im.denoise,
+                             **self._inpaint_kw(x))
+    if self.conditioning == "clip_image":
+      return self.model.init(rngs, x, t, self.model_cond(cond), low_res=low, embeds=embeds,
+                             method="from_cond")
+    return self.model.init(rngs, x, t, self.model_cond(cond), low_res=low, embeds=embeds,
+                           **self._inpaint_kw(x))
 
   def _loss(self, params, batch, rng, train):
     k_drop, k_loss, k_dropout = jax.random.split(rng, 3)
@@ -315,10 +462,15 @@ class DiffusionTask(base.Task):
     if self.sr is not None:  # the low-res input from the image itself, a level per row
       low, level_b = self.sr.train(jax.random.fold_in(rng, 1), x0)
       enc["embeds"] = dict(enc["embeds"], **{self.level_embed: level_b})
+    known = None
+    if self.inpaint:  # each row shows the model a random part of its image
+      keep = inpaint_lib.random_masks(jax.random.fold_in(rng, 2), self.masks, *x0.shape[:3])
+      known = {"x0": x0, "mask": keep}
+    inpaint = self._inpaint_kw(x0, known)
 
     def model_fn(x_bhwc, t_b):
       return self.model.apply({"params": params}, x_bhwc, t_b, **enc, train=train, low_res=low,
-                              method=text2im.Text2Im.denoise, rngs={"dropout": k_dropout})
+                              method="denoise", rngs={"dropout": k_dropout}, **inpaint)
 
     d = self.config.diffusion
     loss_b, t_b = self.diffusion.training_loss(
@@ -335,20 +487,23 @@ class DiffusionTask(base.Task):
     return dict(metrics, loss=loss)
 
   # --- sampling -----------------------------------------------------------------
-  def model_fn(self, params, cond, guidance_scale=1.0, low_res=None, level=None, null=None):
+  def model_fn(self, params, cond, guidance_scale=1.0, low_res=None, level=None, null=None,
+               known=None):
     """(x_t (B, H, W, C), t (B,)) -> model output, guided when guidance_scale != 1.
 
     cond: the batch conditioning of the B rows; null: the unconditional rows' (default
     null_cond). With guidance, the conditional and unconditional rows go through the
     U-Net in ONE pass of 2B rows. A super-resolution stage also takes its conditioning
-    image `low_res` (B, H, W, C) (already upsampled and noised) and its level (B,).
+    image `low_res` (B, H, W, C) (already upsampled and noised) and its level (B,). An
+    inpainting model sees `known` {'x0' (B, H, W, C), 'mask' (B, H, W, 1) 1 = known} as its
+    extra channels (None: nothing known).
     """
     extra = {self.level_embed: level} if self.level_embed and level is not None else {}
 
-    def denoise(enc, low, extra):
+    def denoise(enc, low, extra, known=known):
       enc = dict(enc, embeds=dict(enc["embeds"], **extra))
       return lambda x, t: self.model.apply({"params": params}, x, t, **enc, low_res=low,
-                                           method=text2im.Text2Im.denoise)
+                                           method="denoise", **self._inpaint_kw(x, known))
 
     if self.conditioning == "none" or guidance_scale == 1.0:
       return denoise(self.encode(params, cond), low_res, extra)
@@ -358,26 +513,39 @@ class DiffusionTask(base.Task):
             for k in cond}
     twice = lambda a: None if a is None else jnp.concatenate([a, a])
     return guidance_lib.classifier_free_guidance(
-        denoise(self.encode(params, both), twice(low_res), {k: twice(v) for k, v in extra.items()}),
+        denoise(self.encode(params, both), twice(low_res), {k: twice(v) for k, v in extra.items()},
+                None if known is None else jax.tree.map(twice, known)),
         guidance_scale,
         learned_variance=self.sched.learned_variance)
 
   def sample(self, params, cond, x_T, rng, *, sampler="ddim", steps=50, eta=0.0,
-             guidance_scale=1.0, sched=None, progress=None, low_res=None, level=None, null=None):
+             guidance_scale=1.0, sched=None, progress=None, low_res=None, level=None, null=None,
+             known=None):
     """x_T (B, H, W, C) + conditioning -> x_0 in [-1, 1] (float32); jittable. An SR stage
-    also takes its conditioning image and level (model_fn)."""
-    fn = self.model_fn(params, cond, guidance_scale, low_res=low_res, level=level, null=null)
+    also takes its conditioning image and level (model_fn). known: an edit, {'x0' (B, H, W,
+    C), 'mask' (B, H, W, 1) 1 = keep}: the kept region is imposed at every step (any model)
+    and an inpainting model also sees it as its extra input channels."""
+    fn = self.model_fn(params, cond, guidance_scale, low_res=low_res, level=level, null=null,
+                       known=known)
+    keep = {} if known is None else {"known_x0": known["x0"], "known_mask": known["mask"]}
     return samplers.sample(fn, sched or self.sched, x_T, sampler=sampler, steps=steps, rng=rng,
-                           eta=eta, progress=progress)
+                           eta=eta, progress=progress, **keep)
 
   def preview(self, params, model_state, batch, rng):
     """Guided samples for the fixed captions of config.sampling (one row per caption); an SR
-    stage: rows of (bicubic upsampling, sample, original) for the batch's first images."""
+    stage: rows of (bicubic upsampling, sample, original) for the batch's first images;
+    unCLIP's decoder: rows of (original, samples from its image embedding and caption)."""
     if self.sr is not None:
       return self._sr_preview(params, batch, rng)
+    if self.conditioning == "clip_image":
+      return self._clip_image_preview(params, batch, rng)
     s = self.config.sampling
     n = int(s.samples_per_prompt)
-    if self.conditioning == "text":
+    if self.t5_states:  # prompts would need T5 here: the eval batch's own captions instead
+      rows = min(len(s.prompts) or 4, batch["text_states"].shape[0])
+      cond = jax.jit(lambda b: {k: jnp.repeat(b[k][:rows], n, 0)
+                                for k in ("text_states", "text_mask")})(batch)
+    elif self.conditioning == "text":
       prompts = list(s.prompts)
       ids, mask = self.tokenize(prompts)
       cond = {"text_ids": np.repeat(ids, n, 0), "text_mask": np.repeat(mask, n, 0)}
@@ -399,6 +567,29 @@ class DiffusionTask(base.Task):
     if images.shape[-1] == 1:
       images = np.repeat(images, 3, -1)
     return {"samples": images_lib.image_grid(images, ncols=n)}
+
+  def _clip_image_preview(self, params, batch, rng, rows=4):
+    s = self.config.sampling
+    n = int(s.samples_per_prompt)
+    inputs = {k: batch[k] for k in ("image", "clip_image", "text_ids", "text_mask")}
+    k = min(rows, inputs["image"].shape[0])
+
+    def run(p, b, r):
+      b = jax.tree.map(lambda a: jnp.repeat(a[:k], n, 0), b)
+      x = pipeline.normalize_images(b["image"]).astype(jnp.float32)
+      k_noise, k_sample = jax.random.split(r)
+      out = self.sample(p, self.cond_of(b), jax.random.normal(k_noise, x.shape, jnp.float32),
+                        k_sample, sampler=s.sampler, steps=int(s.steps), eta=float(s.eta),
+                        guidance_scale=float(s.guidance_scale))
+      shape = (k, n) + x.shape[1:]
+      return jnp.concatenate([x.reshape(shape)[:, :1], out.reshape(shape)], axis=1)
+
+    fn = getattr(self, "_preview_fn", None)
+    if fn is None:
+      fn = self._preview_fn = jax.jit(run)
+    images = images_lib.to_uint8(parallel.to_host(fn(params, inputs, rng)))
+    return {"samples": images_lib.image_grid(images.reshape((-1,) + images.shape[2:]),
+                                             ncols=n + 1)}
 
   def _sr_preview(self, params, batch, rng, rows=4):
     s = self.config.sampling
@@ -439,7 +630,7 @@ class DiffusionTask(base.Task):
         low, embeds = self._sr_inputs(b["image"])
         enc["embeds"] = dict(enc["embeds"], **embeds)
         return self.model.apply({"params": p}, b["image"], jnp.zeros((1,), jnp.int32), **enc,
-                                low_res=low, method=text2im.Text2Im.denoise)
+                                low_res=low, method="denoise", **self._inpaint_kw(b["image"]))
 
       cost = jax.jit(fwd).lower(params, batch).cost_analysis()
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
