@@ -40,13 +40,20 @@ Keys beyond configs/common.py:
   diffusion.*           the scheduler settings the checkpoint carries (diffusers'
                         scheduler_config keys, dalle_jax/diffusion/schedule.py) plus
                         loss_weighting (mse | min_snr), min_snr_gamma and cond_drop_prob
+  inpaint.*             training masks of GLIDE's inpainting layout (model.unet.inpaint=True:
+                        masked image + mask as extra U-Net inputs): masks rectangle | half |
+                        mixed, min_size / max_size (rectangle sides, fractions of the image),
+                        blank_prob (rows shown nothing); dalle_jax/diffusion/inpaint.py
   sampling.*            the preview's prompts, sampler, steps, eta and guidance scale
                         (sample.py's --guidance_scale defaults to sampling.guidance_scale)
 EMA of the parameters is on by default (ema_decay); sampling uses the EMA parameters.
 """
+import dataclasses
+
 import ml_collections
 
 from dalle_jax.configs import common
+from dalle_jax.diffusion import inpaint as inpaint_lib
 from dalle_jax.models import unet as unet_lib
 
 PRESETS = ("shapes", "ddpm_cifar10", "glide_base64", "imagen_base64")
@@ -165,6 +172,8 @@ def get_config(arg=None):
   c.text_encoder = ml_collections.ConfigDict()
   c.text_encoder.clip = ""  # path of a CLIP workdir / checkpoint: frozen text tower
   c.sampling = sampling_config()
+  # read only when model.unet.inpaint (GLIDE-inpaint): the masks drawn in each training step
+  c.inpaint = ml_collections.ConfigDict(dataclasses.asdict(inpaint_lib.MaskConfig()))
 
   if name == "shapes":
     image_size.set(16)  # 4x cheaper than 32 px; colour, background and shape still legible

@@ -45,9 +45,17 @@ ConversionError = common.ConversionError
 
 COMPONENTS = ("prior", "text_proj", "decoder", "super_res_first", "super_res_last")
 SCHEDULERS = ("prior_scheduler", "decoder_scheduler", "super_res_scheduler")
-# The image-variation layout (UnCLIPImageVariationPipeline: `image_encoder/` instead of
-# the prior) decodes from an image's CLIP embedding directly.
-VARIATION_OPTIONAL = ("prior", "prior_scheduler")
+# The two pipelines (model_index.json's _class_name) and the folders each one needs here
+# (the CLIP text encoder and tokenizer are karlo_checkpoint's). The image-variation layout
+# (UnCLIPImageVariationPipeline) has no prior: it decodes an image's CLIP embedding from its
+# own vision tower (`image_encoder/` + the `feature_extractor/` that preprocesses images).
+TEXT_TO_IMAGE, VARIATION = "UnCLIPPipeline", "UnCLIPImageVariationPipeline"
+LAYOUTS = {
+    TEXT_TO_IMAGE: COMPONENTS + SCHEDULERS,
+    VARIATION: ("text_proj", "decoder", "super_res_first", "super_res_last",
+                "decoder_scheduler", "super_res_scheduler", "image_encoder",
+                "feature_extractor"),
+}
 
 
 # --- reading ----------------------------------------------------------------------
@@ -363,23 +371,36 @@ def read_scheduler_config(path):
   return common.load_json(cfg_path)
 
 
+def pipeline_layout(src):
+  """TEXT_TO_IMAGE or VARIATION: model_index.json's _class_name (diffusers'
+  save_pretrained writes it); without the file, the folders decide (image_encoder/ =
+  the variation layout)."""
+  path = os.path.join(src, "model_index.json")
+  if not os.path.isfile(path):
+    return VARIATION if os.path.isdir(os.path.join(src, "image_encoder")) else TEXT_TO_IMAGE
+  name = common.load_json(path).get("_class_name")
+  if name not in LAYOUTS:
+    raise ConversionError(f"{path}: _class_name={name!r}, expected "
+                          f"{' or '.join(map(repr, LAYOUTS))} (Karlo's diffusers layouts)")
+  return name
+
+
 def convert_karlo(src):
   """Karlo's diffusers folder -> {component: (kwargs, variables)}, {scheduler: config},
-  report lines. Components: prior (absent from the image-variation layout), decoder,
+  report lines. Components: prior (absent from the image-variation layout, whose vision
+  tower karlo_checkpoint converts), decoder,
   super_res_first, super_res_last. The decoder comes back as UnclipDecoder's variables
   {'params': {'text_proj': ..., 'unet': ...}} with kwargs {'text_proj', 'unet'}."""
   src = os.path.abspath(os.path.expanduser(src))
   if not os.path.isdir(src):
     raise ConversionError(f"{src}: not a directory")
-  variation = os.path.isdir(os.path.join(src, "image_encoder"))
-  needed = [c for c in COMPONENTS + SCHEDULERS
-            if not (variation and c in VARIATION_OPTIONAL)]
-  absent = [c for c in needed if not os.path.isdir(os.path.join(src, c))]
+  layout = pipeline_layout(src)
+  absent = [c for c in LAYOUTS[layout] if not os.path.isdir(os.path.join(src, c))]
   if absent:
-    raise ConversionError(f"{src}: not Karlo's diffusers layout, missing "
+    raise ConversionError(f"{src}: not Karlo's diffusers layout ({layout}), missing "
                           f"{', '.join(a + '/' for a in absent)}")
   report, out = [], {}
-  if os.path.isdir(os.path.join(src, "prior")):
+  if layout == TEXT_TO_IMAGE:
     prior_kw, prior_vars, r = convert_prior(os.path.join(src, "prior"))
     out["prior"] = (prior_kw, prior_vars)
     report += r

@@ -19,6 +19,20 @@ decoder_scheduler/, super_res_scheduler/) becomes ONE `unclip`-family checkpoint
                       'clip_stats': {mean, std}}   (the prior's embedding statistics)
   CKPT/tokenizer/    the source's tokenizer files
 
+Karlo's image-variation folder (UnCLIPImageVariationPipeline, told apart by model_index.json:
+no prior/ nor prior_scheduler/; image_encoder/ = CLIPVisionModelWithProjection and
+feature_extractor/ = its CLIPImageProcessor) becomes the same checkpoint without the prior
+and its clip_stats, plus
+
+                     model.image_encoder    clip.VisionTower kwargs (pixel mean / std included)
+                     model.image_processor  {shortest_edge, crop_size}: the processor's PIL
+                                            bicubic resize + centre crop
+                     model.embed_dim        the CLIP embedding width
+  CKPT/variables/    params.image_encoder
+
+so that `sample.py --method unclip --checkpoint CKPT --variations IMAGE` (and --interpolate,
+--text_diff) embed images with it; text -> image and edits need a prior.
+
 `dalle_jax.sampling.unclip.UnclipPipeline.load(CKPT)` reads it in one call. The modules
 are mapped and checked by dalle_jax/convert/karlo.py; the CLIP text tower's tensors by
 dalle_jax/convert/hf_clip.py's rules (text half).
@@ -38,6 +52,7 @@ from dalle_jax.convert import common
 from dalle_jax.convert import hf_clip
 from dalle_jax.convert import karlo
 from dalle_jax.diffusion import schedule as schedule_lib
+from dalle_jax.models import clip as clip_lib
 
 ConversionError = karlo.ConversionError
 FAMILY = "unclip"
@@ -92,6 +107,93 @@ def convert_text_encoder(src):
   return kwargs, traverse_util.unflatten_dict(flat, sep="/")
 
 
+# --- the CLIP image encoder (CLIPVisionModelWithProjection) + its image processor -----
+
+def image_encoder_config(src, processor):
+  """(our CLIP config, VisionTower kwargs) for `src`'s CLIPVisionModelWithProjection
+  config.json; pixel statistics from the processor settings."""
+  path = os.path.join(src, "config.json")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{src}: no config.json (not a Hugging Face model folder)")
+  vc = common.load_json(path)
+  if vc.get("model_type") != "clip_vision_model":
+    raise ConversionError(f"{path}: model_type={vc.get('model_type')!r}, expected "
+                          "'clip_vision_model' (CLIPVisionModelWithProjection)")
+  if vc.get("projection_dim") is None:
+    raise ConversionError(f"{path}: projection_dim is missing (need the visual projection)")
+  # hf_clip reads CLIPModel configs; the text half is never built from it here.
+  text = dict(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+              intermediate_size=8, max_position_embeddings=8,
+              hidden_act=vc.get("hidden_act", "quick_gelu"),
+              layer_norm_eps=vc.get("layer_norm_eps", 1e-5))
+  c = hf_clip.config_from_hf(dict(model_type="clip", text_config=text, vision_config=vc,
+                                  projection_dim=vc["projection_dim"]), None)
+  v, m = c.model.vision, c.model
+  return c, dict(image_size=int(v.image_size), patch_size=int(v.patch_size), width=int(v.width),
+                 num_layers=int(v.layers), num_heads=int(v.heads), mlp_dim=int(v.mlp_dim),
+                 embed_dim=int(m.embed_dim), activation=m.activation,
+                 ln_epsilon=float(m.ln_epsilon), image_mean=tuple(processor["image_mean"]),
+                 image_std=tuple(processor["image_std"]))
+
+
+def convert_image_encoder(src, processor):
+  """(VisionTower kwargs, params) of a CLIPVisionModelWithProjection folder; every tensor
+  checked (its `vision_model.*` and `visual_projection` names are CLIPModel's)."""
+  src = os.path.abspath(src)
+  clip_cfg, kwargs = image_encoder_config(src, processor)
+  weights = hf_clip.read_hf_weights(src)
+  expected = {k[len("vision/"):]: v for k, v in hf_clip.expected_shapes(clip_cfg).items()
+              if k.startswith("vision/")}
+  rules = [(h, o[len("vision/"):], fn) for h, o, fn in hf_clip.conversion_rules(clip_cfg)
+           if o.startswith("vision/")]
+  flat, missing, bad, used = common.apply_rules(weights, rules, expected)
+  unexpected = sorted(k for k in weights if k not in used
+                      and not k.endswith(hf_clip.IGNORED_SUFFIXES))
+  common.raise_problems(src, "the CLIP image encoder",
+                        common.tensor_problems(missing, unexpected, bad))
+  return kwargs, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _size(d, keys, where, key):
+  """An int from a processor size entry (an int, or a dict with one of `keys`)."""
+  if isinstance(d, int):
+    return d
+  for k in keys:
+    if isinstance(d, dict) and d.get(k):
+      return int(d[k])
+  raise ConversionError(f"{where}: {key}={d!r}: expected an int or {{{keys[0]}: N}}")
+
+
+def image_processor_config(src):
+  """The CLIPImageProcessor settings of `src`/preprocessor_config.json this project
+  reproduces: bicubic resize of the shorter side, centre crop, rescale + normalise."""
+  path = os.path.join(src, "preprocessor_config.json")
+  if not os.path.isfile(path):
+    raise ConversionError(f"{src}: no preprocessor_config.json (the image encoder's "
+                          "CLIPImageProcessor)")
+  p = common.load_json(path)
+  for key, want in (("do_resize", True), ("do_center_crop", True), ("do_rescale", True),
+                    ("do_normalize", True), ("resample", 3)):
+    if p.get(key, want) != want:
+      raise ConversionError(f"{path}: {key}={p.get(key)!r}: only {want!r} is supported "
+                            "(CLIP's preprocessing: bicubic resize, centre crop, normalise)")
+  if abs(float(p.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
+    raise ConversionError(f"{path}: rescale_factor={p.get('rescale_factor')!r}: only 1/255")
+  size = p.get("size", {"shortest_edge": 224})
+  if isinstance(size, dict) and "shortest_edge" not in size:
+    raise ConversionError(f"{path}: size={size!r}: only {{shortest_edge: N}} is supported")
+  crop = p.get("crop_size", 224)
+  if isinstance(crop, dict) and crop.get("height") != crop.get("width"):
+    raise ConversionError(f"{path}: crop_size={crop!r}: only square crops are supported")
+  out = dict(shortest_edge=_size(size, ("shortest_edge",), path, "size"),
+             crop_size=_size(crop, ("height", "width"), path, "crop_size"),
+             image_mean=[float(x) for x in p.get("image_mean", clip_lib.OPENAI_MEAN)],
+             image_std=[float(x) for x in p.get("image_std", clip_lib.OPENAI_STD)])
+  if len(out["image_mean"]) != 3 or len(out["image_std"]) != 3:
+    raise ConversionError(f"{path}: image_mean / image_std need 3 entries (RGB)")
+  return out
+
+
 # --- the whole folder ---------------------------------------------------------------
 
 def _sample_size(folder):
@@ -112,28 +214,68 @@ def _lists(tree):
   return tree
 
 
+def _text_len(src, te_kw):
+  """The caption length the variation pipeline pads to: its tokenizer's model_max_length
+  (the text encoder's context when the tokenizer leaves it unset)."""
+  path = os.path.join(src, TOKENIZER_DIR, "tokenizer_config.json")
+  n = common.load_json(path).get("model_max_length") if os.path.isfile(path) else None
+  if not isinstance(n, int) or n > te_kw["max_len"]:
+    return te_kw["max_len"]
+  return n
+
+
 def import_karlo(src):
-  """Karlo's diffusers folder -> (config, variables, report lines)."""
+  """Karlo's diffusers folder (either layout) -> (config, variables, report lines)."""
   src = os.path.abspath(os.path.expanduser(src))
   converted, schedulers, report = karlo.convert_karlo(src)
-  if "prior" not in converted:
-    raise ConversionError(f"{src}: the image-variation layout (image_encoder/, no prior/) is not "
-                          "supported by this converter yet: text-to-image needs prior/")
+  variation = "prior" not in converted
   for name in ("text_encoder", "tokenizer"):
     if not os.path.isdir(os.path.join(src, name)):
       raise ConversionError(f"{src}: not Karlo's diffusers layout, missing {name}/")
   te_kw, te_params = convert_text_encoder(os.path.join(src, "text_encoder"))
-  prior_kw, prior_vars = converted["prior"]
-  if te_kw["embed_dim"] != prior_kw["embed_dim"] or te_kw["width"] != prior_kw["text_dim"]:
-    raise ConversionError(
-        f"{src}: the text encoder gives {te_kw['embed_dim']}-d embeddings and {te_kw['width']}-d "
-        f"token states; the prior expects {prior_kw['embed_dim']} and {prior_kw['text_dim']}")
-  if te_kw["max_len"] < prior_kw["text_len"]:
-    raise ConversionError(f"{src}: the prior reads {prior_kw['text_len']} caption tokens; the text "
-                          f"encoder has only {te_kw['max_len']} positions")
+  model = {}
+  if variation:
+    processor = image_processor_config(os.path.join(src, "feature_extractor"))
+    ie_kw, ie_params = convert_image_encoder(os.path.join(src, "image_encoder"), processor)
+    if ie_kw["image_size"] != processor["crop_size"]:
+      raise ConversionError(
+          f"{src}: feature_extractor/ crops {processor['crop_size']} px images but image_encoder/ "
+          f"reads {ie_kw['image_size']} px ones")
+    if ie_kw["embed_dim"] != te_kw["embed_dim"]:
+      raise ConversionError(
+          f"{src}: image_encoder/ gives {ie_kw['embed_dim']}-d embeddings, text_encoder/ "
+          f"{te_kw['embed_dim']}-d ones: the decoder reads both in one space")
+    text_len = _text_len(src, te_kw)
+    model.update(image_encoder=ie_kw, embed_dim=ie_kw["embed_dim"],
+                 image_processor={k: processor[k] for k in ("shortest_edge", "crop_size")})
+    params = {"image_encoder": ie_params}
+    stats, stages = None, ("decoder", "super_res")
+    report.append(f"{src}/image_encoder: CLIP vision tower, {ie_kw['num_layers']} layers, width "
+                  f"{ie_kw['width']}, {ie_kw['image_size']} px, embedding {ie_kw['embed_dim']}")
+  else:
+    prior_kw, prior_vars = converted["prior"]
+    if te_kw["embed_dim"] != prior_kw["embed_dim"] or te_kw["width"] != prior_kw["text_dim"]:
+      raise ConversionError(
+          f"{src}: the text encoder gives {te_kw['embed_dim']}-d embeddings and {te_kw['width']}-d "
+          f"token states; the prior expects {prior_kw['embed_dim']} and {prior_kw['text_dim']}")
+    if te_kw["max_len"] < prior_kw["text_len"]:
+      raise ConversionError(f"{src}: the prior reads {prior_kw['text_len']} caption tokens; the "
+                            f"text encoder has only {te_kw['max_len']} positions")
+    text_len = int(prior_kw["text_len"])
+    model.update(prior=prior_kw)
+    params = {"prior": prior_vars["params"]}
+    stats, stages = prior_vars["clip_stats"], ("prior", "decoder", "super_res")
+  # the decoder reads the image embedding and the text encoder's embedding
+  image_dim, text_dim = _text_proj_widths(converted)
+  for what, have, want in (("text_encoder/", te_kw["embed_dim"], text_dim),
+                           ("image_encoder/" if variation else "prior/",
+                            model.get("embed_dim") or model["prior"]["embed_dim"], image_dim)):
+    if have != want:
+      raise ConversionError(f"{src}: {what} gives {have}-d embeddings but text_proj/ reads "
+                            f"{want}-d ones")
   scheds = {}
-  for key, folder in (("prior", "prior_scheduler"), ("decoder", "decoder_scheduler"),
-                      ("super_res", "super_res_scheduler")):
+  for key in stages:
+    folder = f"{key}_scheduler"
     try:
       scheds[key] = schedule_lib.SchedulerConfig.from_dict(schedulers[folder]).to_dict()
     except ValueError as e:
@@ -143,29 +285,39 @@ def import_karlo(src):
   if _sample_size(os.path.join(src, "super_res_last")) != sr_size:
     raise ConversionError(f"{src}: super_res_first and super_res_last have different sample_size")
   vocab = te_kw["vocab_size"]
+  model.update(decoder=converted["decoder"][0], super_res_first=converted["super_res_first"][0],
+               super_res_last=converted["super_res_last"][0], text_encoder=te_kw,
+               decoder_size=dec_size, super_res_size=sr_size)
+  sampling = {k: v for k, v in SAMPLING_DEFAULTS.items() if not (variation and "prior" in k)}
   config = ml_collections.ConfigDict(dict(
       family=FAMILY, dtype="float32", param_dtype="float32",
       logical_axis_rules=_lists(DEFAULT_RULES), allow_replication_below=1 << 20,
-      model=_lists(dict(prior=prior_kw, decoder=converted["decoder"][0],
-                        super_res_first=converted["super_res_first"][0],
-                        super_res_last=converted["super_res_last"][0],
-                        text_encoder=te_kw, decoder_size=dec_size, super_res_size=sr_size)),
-      schedulers=scheds,
-      text=dict(tokenizer="hf", path=TOKENIZER_DIR, vocab_size=vocab,
-                max_len=int(prior_kw["text_len"]), lowercase=False),
-      sampling=dict(SAMPLING_DEFAULTS),
-      source=src))
-  params = {"prior": prior_vars["params"], "decoder": converted["decoder"][1]["params"],
-            "super_res_first": converted["super_res_first"][1]["params"],
-            "super_res_last": converted["super_res_last"][1]["params"],
-            "text_encoder": te_params}
-  variables = {"params": params, "clip_stats": prior_vars["clip_stats"]}
+      model=_lists(model), schedulers=scheds,
+      text=dict(tokenizer="hf", path=TOKENIZER_DIR, vocab_size=vocab, max_len=int(text_len),
+                lowercase=False),
+      sampling=sampling, source=src))
+  params.update(decoder=converted["decoder"][1]["params"],
+                super_res_first=converted["super_res_first"][1]["params"],
+                super_res_last=converted["super_res_last"][1]["params"], text_encoder=te_params)
+  variables = {"params": params}
+  if stats is not None:
+    variables["clip_stats"] = stats
   n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
   report = report + [f"{src}/text_encoder: CLIP text tower, {te_kw['num_layers']} layers, width "
                      f"{te_kw['width']}, embedding {te_kw['embed_dim']}",
                      f"total {n / 1e6:.2f}M parameters; decoder {dec_size} px, "
-                     f"super-resolution {sr_size} px"]
+                     f"super-resolution {sr_size} px"
+                     + ("; image-variation layout (no prior)" if variation else "")]
   return config, variables, report
+
+
+def _text_proj_widths(converted):
+  """(image embedding width, text embedding width) the converted text projection reads."""
+  flat = traverse_util.flatten_dict(converted["decoder"][1]["params"]["text_proj"])
+  image = next(np.shape(v)[0] for k, v in flat.items() if k[0] == "null_image_embed")
+  text = next(np.shape(v)[0] for k, v in flat.items() if k[0] == "text_to_time"
+              and k[-1] == "kernel")
+  return int(image), int(text)
 
 
 def write_checkpoint(src, out):

@@ -163,3 +163,25 @@ def resize_and_crop_float(images_nhwc, height, width):
     images = jax.image.resize(images, (n, nh, nw, c), "bicubic", antialias=True)
   top, left = (nh - height) // 2, (nw - width) // 2
   return images[:, top:top + height, left:left + width]
+
+
+def clip_processor_crop(img_hw3, shortest_edge, crop_size):
+  """uint8 (H, W, 3) -> (crop_size, crop_size, 3) with the geometry of transformers'
+  CLIPImageProcessor (PIL backend): the shorter side to `shortest_edge` and the longer one
+  truncated (int), PIL bicubic without reducing_gap, then a centre crop at floored offsets
+  (zero-padded where the image is smaller). Imported image towers see what they saw."""
+  h, w = img_hw3.shape[:2]
+  short, long = min(h, w), max(h, w)
+  new_short, new_long = shortest_edge, int(shortest_edge * long / short)
+  nh, nw = (new_short, new_long) if h <= w else (new_long, new_short)
+  if (nh, nw) != (h, w):
+    img_hw3 = np.asarray(Image.fromarray(img_hw3).resize((nw, nh), Image.BICUBIC,
+                                                         reducing_gap=None))
+  ph, pw = max(crop_size, nh), max(crop_size, nw)
+  if (ph, pw) != (nh, nw):
+    top, left = -(-(ph - nh) // 2), -(-(pw - nw) // 2)
+    padded = np.zeros((ph, pw, img_hw3.shape[2]), img_hw3.dtype)
+    padded[top:top + nh, left:left + nw] = img_hw3
+    img_hw3 = padded
+  top, left = (ph - crop_size) // 2, (pw - crop_size) // 2
+  return img_hw3[top:top + crop_size, left:left + crop_size]

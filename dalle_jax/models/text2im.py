@@ -5,6 +5,8 @@
                                       -> state at end-of-text (B, D) [added to the
                                          U-Net's timestep embedding, embeds["text"]]
   x_t (B, H, W, C), t (B,) + the above -> U-Net -> ε / x0 / v (optionally + variance)
+  [GLIDE-inpaint (model.unet.inpaint): + the masked image and its mask (B, H, W, C + 1),
+   extra input channels of the U-Net, `inpaint`]
 
 Conditioning modes (`conditioning`): "text" (the trainable transformer above, or
 token states + pooled embedding from a frozen CLIP text tower computed outside and
@@ -95,15 +97,17 @@ class Text2Im(nn.Module):
     return dict(context=states_btd, context_mask=mask_bt, embeds={"text": pooled_be})
 
   def denoise(self, x_bhwc, t_b, context=None, context_mask=None, embeds=None, train=False,
-              low_res=None):
-    """low_res: a super-resolution stage's conditioning image (B, h, w, C)."""
+              low_res=None, inpaint=None):
+    """low_res: a super-resolution stage's conditioning image (B, h, w, C); inpaint: the
+    masked image ++ mask (B, H, W, C + 1) of an inpainting model (unet.inpaint_input)."""
     return self.unet(x_bhwc, t_b, context_bsd=context, context_mask_bs=context_mask,
-                     embeds=embeds or {}, low_res_bhwc=low_res, train=train)
+                     embeds=embeds or {}, low_res_bhwc=low_res, inpaint_bhwc=inpaint,
+                     train=train)
 
-  def __call__(self, x_bhwc, t_b, cond, train=False, low_res=None, embeds=None):
+  def __call__(self, x_bhwc, t_b, cond, train=False, low_res=None, embeds=None, inpaint=None):
     enc = self.encode(cond)
     enc["embeds"] = dict(enc["embeds"], **(embeds or {}))
-    return self.denoise(x_bhwc, t_b, **enc, train=train, low_res=low_res)
+    return self.denoise(x_bhwc, t_b, **enc, train=train, low_res=low_res, inpaint=inpaint)
 
 
 def unet_kwargs(config, text_width=None):

@@ -1,6 +1,7 @@
 """The diffusion U-Net (DDPM / ADM / GLIDE / unCLIP / Imagen / DeepFloyd IF), Flax Linen.
 
-    x_t (B, H, W, C) [++ low_res resized to H, W]      t (B,) [+ embeds, pooled context]
+    x_t (B, H, W, C) [++ low_res resized to H, W] [++ masked image, mask]
+                                                        t (B,) [+ embeds, pooled context]
       -> conv_in                                        -> sinusoid -> time MLP -> temb (B, T)
       -> down_0 .. down_{n-1}: per level `num_res_blocks` ResBlocks (each followed by the
          level's attention), then a conv or resnet down-sample (not after the last level;
@@ -62,6 +63,9 @@ every level or a tuple with one entry per level):
                                Names not declared get a linear projection of their width.
   low_res_channels             channels of an SR model's low-res input (0 = none); resized
                                bilinearly (align_corners=False) to x's size and concatenated
+  inpaint                      GLIDE's inpainting layout: the known image (zero where
+                               unknown, C channels) and the mask (1 = known) are concatenated
+                               to x after any low-res input: C + C + 1 input channels
   center_input                 x -> 2x - 1 first (diffusers' center_input_sample)
   conv_in_kernel, conv_out_kernel
 
@@ -450,8 +454,9 @@ class UNet(nn.Module):
   """The configurable diffusion U-Net; attributes = the model config keys (module doc),
   defaulting to DDPM's CIFAR-10 U-Net.
 
-  __call__(x_bhwc, t_b, *, context_bsd, context_mask_bs, embeds, low_res_bhwc, train)
-    -> (B, H, W, out_channels) f32.
+  __call__(x_bhwc, t_b, *, context_bsd, context_mask_bs, embeds, low_res_bhwc, inpaint_bhwc,
+           train) -> (B, H, W, out_channels) f32.
+  inpaint_bhwc (B, H, W, C + 1): masked image ++ mask (models with `inpaint`; inpaint_input).
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -490,6 +495,7 @@ class UNet(nn.Module):
   context_pool_heads: int = 64
   extra_embeds: Sequence[str] = ()
   low_res_channels: int = 0
+  inpaint: bool = False
   center_input: bool = False
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
@@ -561,7 +567,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x_bhwc, t_b, *, context_bsd=None, context_mask_bs=None, embeds=None,
-               low_res_bhwc=None, train=False):
+               low_res_bhwc=None, inpaint_bhwc=None, train=False):
     validate(self)
     b, hgt, wid, c_in = x_bhwc.shape
     n = self.levels
@@ -586,6 +592,15 @@ class UNet(nn.Module):
       x = jnp.concatenate([x, lr], axis=-1)
     elif low_res_bhwc is not None:
       raise ValueError("low_res_bhwc given but model.low_res_channels=0")
+    if self.inpaint:
+      want = (b, hgt, wid, self.in_channels + 1)
+      if inpaint_bhwc is None or tuple(inpaint_bhwc.shape) != want:
+        got = None if inpaint_bhwc is None else tuple(inpaint_bhwc.shape)
+        raise ValueError(f"model.inpaint: inpaint_bhwc (masked image ++ mask) must have shape "
+                         f"{want}, got {got}")
+      x = jnp.concatenate([x, inpaint_bhwc.astype(jnp.float32)], axis=-1)
+    elif inpaint_bhwc is not None:
+      raise ValueError("inpaint_bhwc given but model.inpaint=False")
 
     ctx = None
     if context_bsd is not None:
@@ -639,6 +654,14 @@ class UNet(nn.Module):
     return out.astype(jnp.float32)
 
 
+def inpaint_input(image_bhwc, keep_bhw1):
+  """GLIDE-inpaint's extra channels: the image where known (zero elsewhere) ++ the mask
+  (1 = known), (B, H, W, C + 1) f32; keep broadcasts over the channels."""
+  keep = jnp.broadcast_to(jnp.asarray(keep_bhw1, jnp.float32),
+                          tuple(image_bhwc.shape[:-1]) + (1,))
+  return jnp.concatenate([jnp.asarray(image_bhwc, jnp.float32) * keep, keep], axis=-1)
+
+
 def example_inputs(unet, batch=1, size=None):
   """(x_bhwc, t_b, call kwargs) of the right shapes for `unet.init` (abstract inits,
   converters, tests); size defaults to the smallest the levels allow, 2^(levels-1)."""
@@ -657,6 +680,8 @@ def example_inputs(unet, batch=1, size=None):
   kw["embeds"] = embeds
   if unet.low_res_channels:
     kw["low_res_bhwc"] = jnp.zeros((batch, size, size, unet.low_res_channels), jnp.float32)
+  if unet.inpaint:
+    kw["inpaint_bhwc"] = jnp.zeros((batch, size, size, unet.in_channels + 1), jnp.float32)
   x = jnp.zeros((batch, size, size, unet.in_channels), jnp.float32)
   return x, jnp.zeros((batch,), jnp.float32), kw
 

@@ -14,6 +14,11 @@ conditional and unconditional rows in one U-Net pass.
 
 `init_noise` (N, H, W, C) float32 fixes each image's x_T: with DDIM at eta=0 or
 DPM-Solver++ the images are then fully determined by it.
+
+Edits (`--edit IMAGE --mask MASK`, `generate(edit=(image, mask))`): the kept region (black
+in the mask) is imposed at every step, so it comes back exactly, for any model; a model
+with GLIDE's inpainting layout (model.unet.inpaint) also sees the masked image and the
+mask as its extra input channels.
 """
 import logging
 import math
@@ -65,6 +70,37 @@ def scheduler_overrides(sched, thresholding=None, percentile=None):
     return sched.replace(clip_sample=True, clip_sample_range=1.0, thresholding=False)
   cap = sched.sample_max_value if sched.thresholding else NO_CAP
   return sched.replace(clip_sample=False, thresholding=True, sample_max_value=cap)
+
+
+def read_image(path, flag):
+  """uint8 (H, W, 3) of an image file, or a one-line SamplingError naming the flag."""
+  if not path or not os.path.isfile(path):
+    raise SamplingError(f"{flag} {path}: file not found")
+  try:
+    with open(path, "rb") as f:
+      return images_lib.decode(f.read())
+  except (OSError, ValueError) as e:
+    raise SamplingError(f"{flag} {path}: unreadable image ({e})") from None
+
+
+def edit_target(image, mask, size):
+  """An edit's image uint8 (H, W, 3) and mask (H, W[, C]; white = regenerate, black = keep)
+  -> {'x0' (1, size, size, 3) in [-1, 1], 'mask' (1, size, size, 1) 1 = keep} (shorter side
+  resized, centre crop)."""
+  image, mask = np.asarray(image), np.asarray(mask)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise SamplingError(f"--edit image: expected uint8 (H, W, 3), got {image.dtype} "
+                        f"{image.shape}")
+  if mask.shape[:2] != image.shape[:2]:
+    raise SamplingError(f"--mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                        f"{image.shape[1]}x{image.shape[0]}: they must be the same size")
+  m = (mask.reshape(mask.shape[:2] + (-1,)).max(-1) > 127).astype(np.uint8) * 255
+  img = images_lib.resize_and_crop(image, size)
+  keep = images_lib.resize_and_crop(np.repeat(m[..., None], 3, -1), size)[..., :1] <= 127
+  if keep.all():
+    raise SamplingError("--mask marks nothing to edit (white = regenerate, black = keep)")
+  return {"x0": images_lib.to_float(img[None]).astype(np.float32),
+          "mask": keep[None].astype(np.float32)}
 
 
 class Pipeline:
@@ -168,31 +204,38 @@ class Pipeline:
     return x.astype(np.float32)
 
   # --- sampling ------------------------------------------------------------------------
-  def _sample_fn(self, sampler, steps, eta, guidance_scale, sched, n_rows, progress):
-    key = (sampler, steps, eta, guidance_scale, sched, n_rows, progress is not None)
+  def _sample_fn(self, sampler, steps, eta, guidance_scale, sched, n_rows, progress, edit=False):
+    key = (sampler, steps, eta, guidance_scale, sched, n_rows, progress is not None, edit)
     if key not in self._compiled:
-      fn = lambda p, c, x, r: self.task.sample(p, c, x, r, sampler=sampler, steps=steps, eta=eta,
-                                               guidance_scale=guidance_scale, sched=sched,
-                                               progress=progress)
+      fn = lambda p, c, x, r, k: self.task.sample(p, c, x, r, sampler=sampler, steps=steps,
+                                                  eta=eta, guidance_scale=guidance_scale,
+                                                  sched=sched, progress=progress, known=k)
       if self.mesh is None:
         self._compiled[key] = jax.jit(fn)
       else:
         rows = lambda a: parallel.batch_sharding(self.mesh, np.ndim(a))
-        self._compiled[key] = lambda p, c, x, r: jax.jit(
+        self._compiled[key] = lambda p, c, x, r, k: jax.jit(
             fn, in_shardings=(jax.tree.map(lambda a: a.sharding, p), jax.tree.map(rows, c),
-                              rows(x), parallel.replicated(self.mesh)),
-            out_shardings=rows(x))(p, c, x, r)
+                              rows(x), parallel.replicated(self.mesh), jax.tree.map(rows, k)),
+            out_shardings=rows(x))(p, c, x, r, k)
     return self._compiled[key]
 
   def generate(self, prompts, num_images=1, seed=0, *, sampler="ddim", steps=50, eta=0.0,
                guidance_scale=1.0, thresholding=None, threshold_percentile=None, init_noise=None,
-               unconditional=False, progress=False, return_float=False):
-    """uint8 images (P, num_images, H, W, 3) (P = 1 when unconditional), or float x0 in [-1, 1]."""
+               unconditional=False, progress=False, return_float=False, edit=None):
+    """uint8 images (P, num_images, H, W, 3) (P = 1 when unconditional), or float x0 in [-1, 1].
+    edit: (image uint8 (H, W, 3), mask (H, W[, C]), white = regenerate): every row inpaints it."""
     prompts = [p for p in prompts if p] if unconditional else list(prompts)
     sched = scheduler_overrides(self.task.sched, thresholding, threshold_percentile)
     self.check(prompts, num_images, sampler, steps, eta, guidance_scale, unconditional, sched)
     n_prompts = 1 if (unconditional or not self.conditional) else len(prompts)
     n = n_prompts * num_images
+    known = None
+    if edit is not None:
+      if self.task.channels != 3:
+        raise SamplingError(f"--edit: the model makes {self.task.channels}-channel images, not RGB")
+      known = {k: np.repeat(v, n, 0)
+               for k, v in edit_target(edit[0], edit[1], self.task.image_size).items()}
     cond = self.condition(prompts, num_images, unconditional)
     x_T = self.noise(n, seed, init_noise)
     if unconditional or not self.conditional:
@@ -205,6 +248,8 @@ class Pipeline:
     if pad:
       cond = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in cond.items()}
       x_T = np.concatenate([x_T, np.zeros((pad,) + x_T.shape[1:], x_T.dtype)])
+      if known is not None:
+        known = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in known.items()}
     bar = None
     if progress:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
@@ -212,12 +257,12 @@ class Pipeline:
                  disable=jax.process_index() != 0)
     self._bar = bar  # the compiled loop's callback ticks whichever bar is current
     fn = self._sample_fn(sampler, steps, float(eta), float(guidance_scale), sched, len(x_T),
-                         self._tick if progress else None)
+                         self._tick if progress else None, known is not None)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     try:
       ctx = parallel.mesh_context(self.mesh, self.config) if self.mesh is not None else _nullctx()
       with ctx:
-        x0 = fn(self.params, cond, x_T, rng)
+        x0 = fn(self.params, cond, x_T, rng, known)
       x0 = parallel.to_host(x0)[:n]
     finally:
       if bar is not None:
@@ -263,6 +308,9 @@ def _parser():
                  help="dynamic thresholding's percentile of |x0| (0.995 or 99.5)")
   p.add_argument("--init_noise", default=None,
                  help=".npy of x_T, shape (prompts x num_images, H, W, C) float32")
+  p.add_argument("--edit", metavar="IMAGE", default=None,
+                 help="inpaint IMAGE's --mask region (white = regenerate, black = keep)")
+  p.add_argument("--mask", default=None, help="--edit's mask (same size as the image)")
   p.add_argument("--rerank_with", default=None, help="CLIP workdir/checkpoint for reranking")
   p.add_argument("--rerank_top", type=int, default=0, help="keep the K best per prompt")
   p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
@@ -296,6 +344,15 @@ def diffusion_main(argv=None):
       if not os.path.isfile(args.init_noise):
         raise SamplingError(f"--init_noise {args.init_noise}: file not found")
       init_noise = np.load(args.init_noise)
+    edit = None
+    if (args.edit is None) != (args.mask is None):
+      raise SamplingError("--edit needs --mask, and --mask goes with --edit")
+    if args.edit is not None:
+      edit = (read_image(args.edit, "--edit"), read_image(args.mask, "--mask"))
+      (ih, iw), (mh, mw) = edit[0].shape[:2], edit[1].shape[:2]
+      if (ih, iw) != (mh, mw):  # before any weights are read
+        raise SamplingError(f"--mask {args.mask} is {mw}x{mh} but --edit {args.edit} is "
+                            f"{iw}x{ih}: they must be the same size")
     cli.enable_compilation_cache()
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     pipe = Pipeline.load(args.workdir or args.checkpoint, mesh=generate.mesh_from_flag(args.mesh))
@@ -307,7 +364,8 @@ def diffusion_main(argv=None):
                            steps=args.steps, eta=args.eta, guidance_scale=guidance,
                            thresholding=args.thresholding,
                            threshold_percentile=args.threshold_percentile,
-                           init_noise=init_noise, unconditional=args.unconditional, progress=True)
+                           init_noise=init_noise, unconditional=args.unconditional, progress=True,
+                           edit=edit)
   except (SamplingError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
   if not prompts or args.unconditional or not pipe.conditional:
@@ -328,7 +386,9 @@ def diffusion_main(argv=None):
                    "guidance_scale": guidance if pipe.conditional and not args.unconditional else 1.0,
                    "thresholding": args.thresholding, "threshold_percentile": args.threshold_percentile,
                    "init_noise": os.path.abspath(args.init_noise) if args.init_noise else None,
-                   "mesh": args.mesh, "rerank_with": args.rerank_with, "rerank_top": args.rerank_top},
+                   "mesh": args.mesh, "rerank_with": args.rerank_with, "rerank_top": args.rerank_top,
+                   "edit": os.path.abspath(args.edit) if args.edit else None,
+                   "mask": os.path.abspath(args.mask) if args.mask else None},
       "scheduler": sched.to_dict(),
   }
   return generate.write_samples(args.out, prompts, images, settings, scores)

@@ -24,7 +24,8 @@ folds in the step index): see `stage_keys`. `latents=` fixes any stage's x_T.
 
 `decode_from_image_embeddings` (stages 3-4) is the entry point the image modes reuse with
 image embeddings of their own (raw CLIP image embeddings from `attach_image_encoder`'s CLIP:
-Karlo's checkpoint has no image tower, so `--clip` names one, e.g. the HF ViT-L/14):
+Karlo's text -> image checkpoint has no image tower, so `--clip` names one, e.g. the HF
+ViT-L/14; Karlo's image-variation checkpoint brings its own, and no prior):
   variations(image, N)         the image's embedding decoded N times (empty caption)
   interpolate(a, b, frames)    slerp(z_a, z_b, t), t = 0..1, x_T of every stage fixed, DDIM:
                                frame 0 / the last are a's / b's DDIM variations
@@ -38,12 +39,15 @@ Shapes: P prompts, N images per prompt, B = P * N rows, E CLIP embedding width,
 S caption tokens, C caption state width, h/w the decoder's size, H/W the super-resolution size.
 """
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from dalle_jax import parallel
@@ -58,6 +62,8 @@ from dalle_jax.models import clip as clip_lib
 from dalle_jax.models import prior as prior_lib
 from dalle_jax.models import unclip as unclip_lib
 from dalle_jax.models import unet as unet_lib
+from dalle_jax.tasks import diffusion as diffusion_task
+from dalle_jax.sampling import clip_encoder
 from dalle_jax.sampling import diffusion as diffusion_sampling
 from dalle_jax.sampling import generate
 from dalle_jax.sampling import rerank
@@ -141,24 +147,33 @@ class UnclipPipeline:
     self.config = config
     self.mesh = mesh
     m = config.model
-    self.prior = prior_lib.PriorTransformer(**_plain(m.prior))
+    # Karlo's image-variation layout has no prior but a CLIP image tower of its own
+    self.prior = prior_lib.PriorTransformer(**_plain(m.prior)) if "prior" in m else None
+    self.embed_dim = self.prior.embed_dim if self.prior is not None else int(m.embed_dim)
     dec = _plain(m.decoder)
     self.decoder = unclip_lib.UnclipDecoder(text_proj=unclip_lib.TextProjection(**dec["text_proj"]),
                                             unet=unet_lib.UNet(**dec["unet"]))
-    self.sr_first = unet_lib.UNet(**_plain(m.super_res_first))
-    self.sr_last = unet_lib.UNet(**_plain(m.super_res_last))
+    # trained stages (from_stages) may end at the decoder: its size is then the output's
+    has_sr = m.get("super_res_first") is not None
+    self.sr_first = unet_lib.UNet(**_plain(m.super_res_first)) if has_sr else None
+    self.sr_last = unet_lib.UNet(**_plain(m.super_res_last)) if has_sr else None
     self.text_encoder = clip_lib.TextTower(**_plain(m.text_encoder))
-    self.decoder_size, self.sr_size = int(m.decoder_size), int(m.super_res_size)
+    self.decoder_size = int(m.decoder_size)
+    self.sr_size = int(m.super_res_size) if has_sr else self.decoder_size
     self.channels = int(dec["unet"]["in_channels"])
     self.scheds = {s: schedule_lib.SchedulerConfig.from_dict(dict(config.schedulers[s]))
-                   for s in STAGES}
-    self.text_len = int(self.prior.text_len)
+                   for s in STAGES if s in config.schedulers}
+    self.text_len = int(self.prior.text_len if self.prior is not None else config.text.max_len)
     self.params = variables["params"]
-    self.clip_stats = variables[prior_lib.STATS]
-    if mesh is not None:
+    self.clip_stats = variables.get(prior_lib.STATS)
+    if mesh is not None and self.clip_stats is not None:
       self.clip_stats = jax.device_put(self.clip_stats, parallel.replicated(mesh))
     self._tokenizer = None
     self.image_encoder = None  # attach_image_encoder: image inputs
+    self.vision = None  # the checkpoint's own CLIP image tower (image-variation layout)
+    if "image_encoder" in m:
+      self.vision = clip_lib.VisionTower(**_plain(m.image_encoder))
+      self.image_processor = _plain(m.image_processor)
     self._compiled = {}
     self._bar = None
 
@@ -167,17 +182,23 @@ class UnclipPipeline:
     """The boxed abstract {'params': {prior, decoder, super_res_first, super_res_last,
     text_encoder}} (logical names: shardings for loading onto a mesh)."""
     key = jax.random.PRNGKey(0)
-    e, s = self.prior.embed_dim, self.text_len
-    c = self.prior.text_dim or e
+    e, s = self.embed_dim, self.text_len
+    c = int(self.text_encoder.width)
     z = lambda *shape: jnp.zeros(shape, jnp.float32)
     d = self.decoder_size
 
     def init():
-      prior_v = self.prior.init(key, *prior_lib.example_inputs(self.prior))
       dec_v = self.decoder.init(key, z(1, d, d, self.channels), jnp.zeros((1,), jnp.int32),
                                 z(1, e), z(1, e), z(1, s, c), jnp.ones((1, s), bool))
-      out = {"prior": prior_v["params"], "decoder": dec_v["params"]}
+      out = {"decoder": dec_v["params"]}
+      if self.prior is not None:
+        out["prior"] = self.prior.init(key, *prior_lib.example_inputs(self.prior))["params"]
+      if self.vision is not None:
+        size = self.vision.image_size
+        out["image_encoder"] = self.vision.init(key, z(1, size, size, 3))["params"]
       for name, unet in (("super_res_first", self.sr_first), ("super_res_last", self.sr_last)):
+        if unet is None:
+          continue
         x, t, kw = unet_lib.example_inputs(unet)
         out[name] = unet.init(key, x, t, **kw)["params"]
       out["text_encoder"] = self.text_encoder.init(
@@ -203,6 +224,68 @@ class UnclipPipeline:
                             parallel.unbox(abstract)["params"], parallel.unbox(shardings)["params"])
     _, variables = checkpoint.load_model(path, params_target=target)
     return cls(config, variables, mesh=mesh)
+
+  @classmethod
+  def from_stages(cls, prior, decoder, mesh=None):
+    """The pipeline of trained stages: a `prior` workdir (configs/unclip.py:shapes) and a
+    `clip_image` decoder workdir (configs/unclip.py:shapes_decoder), no super-resolution
+    (the decoder's images are the output). The decoder's frozen CLIP
+    (config.text_encoder.clip) gives the text tower, the tokenizer and the image tower
+    for image inputs; the prior must read that CLIP's features (checked)."""
+    from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+    stages = {}
+    for flag, path, family in (("--prior", prior, "prior"), ("--decoder", decoder, "diffusion")):
+      path = os.path.abspath(os.path.expanduser(path))
+      if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SamplingError(f"{flag} {path}: no config.json there (a training workdir)")
+      config = checkpoint.read_config(path)
+      if config.get("family") != family or (
+          family == "diffusion" and config.model.get("conditioning") != "clip_image"):
+        raise SamplingError(f"{flag} {path}: family {config.get('family')!r}, expected "
+                            f"configs/unclip.py:{'shapes' if family == 'prior' else 'shapes_decoder'}"
+                            f"'s ({family}{', conditioning clip_image' if family != 'prior' else ''})")
+      stages[family] = (path,) + tuple(checkpoint.load_model(path))
+    (p_path, p_cfg, p_vars), (d_path, d_cfg, d_vars) = stages["prior"], stages["diffusion"]
+    clip_path = str(d_cfg.text_encoder.clip)
+    c_cfg, c_vars = clip_encoder.load_clip(clip_path, flag=f"--decoder {d_path}: its CLIP")
+    tower = clip_lib.build_model(c_cfg, dtype="float32").text
+    te_kw = {f.name: getattr(tower, f.name) for f in dataclasses.fields(tower)
+             if f.name not in ("parent", "name", "dtype", "param_dtype")}
+    pm = p_cfg.model
+    for key, want, have in (("embed_dim", int(c_cfg.model.embed_dim), int(pm.embed_dim)),
+                            ("text_len", tower.max_len, int(pm.text_len)),
+                            ("text_dim", tower.width, int(pm.text_dim or pm.embed_dim))):
+      if want != have:
+        raise SamplingError(f"--prior {p_path}: model.{key}={have} but the decoder's CLIP "
+                            f"{clip_path} gives {want} (train the prior on that CLIP's embeddings)")
+    sched = lambda cfg: diffusion_task.scheduler_config(cfg.diffusion).to_dict()
+    ps, ds = p_cfg.get("sampling") or {}, d_cfg.sampling
+    config = ml_collections.ConfigDict(dict(
+        family=FAMILY, dtype="float32", param_dtype="float32",
+        logical_axis_rules=d_cfg.logical_axis_rules,
+        allow_replication_below=d_cfg.get("allow_replication_below", 1 << 20),
+        model=dict(prior=pm.to_dict(), decoder=unclip_lib.decoder_kwargs(d_cfg),
+                   super_res_first=None, super_res_last=None, text_encoder=te_kw,
+                   decoder_size=int(d_cfg.data.image_size), super_res_size=0),
+        schedulers=dict(prior=sched(p_cfg), decoder=sched(d_cfg)),
+        text=c_cfg.text.to_dict(),
+        sampling=dict(prior_steps=int(ps.get("steps", 25)),
+                      prior_guidance_scale=float(ps.get("guidance_scale", 4.0)),
+                      decoder_steps=int(ds.steps), decoder_guidance_scale=float(ds.guidance_scale),
+                      sr_steps=None),
+        stages=dict(prior=p_path, decoder=d_path, clip=clip_path)))
+    params = {"prior": p_vars["params"], "decoder": d_vars["params"],
+              "text_encoder": c_vars["params"]["text"]}
+    if mesh is not None:  # each stage's parameters split over the mesh by their logical names
+      shell = cls(config, {"params": None, prior_lib.STATS: None})
+      abstract = shell.abstract_variables()
+      with parallel.mesh_context(mesh, config):
+        shardings = parallel.logical_shardings(abstract, mesh, parallel.rules_from_config(config))
+      params = jax.device_put(params, parallel.unbox(shardings)["params"])
+    pipe = cls(config, {"params": params, prior_lib.STATS: p_vars[prior_lib.STATS]}, mesh=mesh)
+    pipe._tokenizer = get_tokenizer(c_cfg.text, data_cfg=c_cfg.get("data"), base_dir=clip_path)
+    pipe.clip_path = clip_path
+    return pipe
 
   @property
   def tokenizer(self):
@@ -284,7 +367,14 @@ class UnclipPipeline:
     return cond, uncond
 
   # --- checks (before anything compiles) ----------------------------------------------
+  def need_prior(self, what):
+    """A one-line error for modes that sample the prior when this checkpoint has none."""
+    if self.prior is None:
+      raise SamplingError(f"{what} needs a prior, and this checkpoint is Karlo's image-variation "
+                          "layout (no prior/): use --variations, --interpolate or --text_diff")
+
   def check(self, prompts, num_images, steps, guidance):
+    self.need_prior("text -> image")
     if not prompts:
       raise SamplingError("no --prompt given")
     for i, p in enumerate(prompts):
@@ -297,6 +387,8 @@ class UnclipPipeline:
   def check_steps(self, steps, guidance):
     """Per-stage steps {prior, decoder, super_res} and guidance {prior, decoder}, checked."""
     for stage, flag in zip(STAGES, ("--prior_steps", "--decoder_steps", "--sr_steps")):
+      if stage not in self.scheds:  # no prior (the image-variation layout)
+        continue
       n = self.scheds[stage].num_train_timesteps
       k = steps[stage]
       if not isinstance(k, (int, np.integer)) or not 2 <= k <= n:
@@ -310,7 +402,7 @@ class UnclipPipeline:
 
   def initial_noise(self, seed, n, latents=None):
     """{stage: x_T} for n rows: drawn from the seed unless `latents` gives it (checked)."""
-    e = self.prior.embed_dim
+    e = self.embed_dim
     shapes = {"prior": (n, e),
               "decoder": (n, self.decoder_size, self.decoder_size, self.channels),
               "super_res": (n, self.sr_size, self.sr_size, self.channels)}
@@ -446,6 +538,8 @@ class UnclipPipeline:
     small = self.decode(image_embed, cond, uncond, noise["decoder"], rngs["decoder"],
                         decoder_steps, decoder_guidance_scale, progress, sampler,
                         None if known is None else known_at_size(known, self.decoder_size))
+    if self.sr_first is None:  # the decoder's images are the output
+      return small
     return self.super_resolve(small, noise["super_res"], rngs["super_res"], sr_steps, progress,
                               sampler, known)
 
@@ -477,18 +571,38 @@ class UnclipPipeline:
     ViT-L/14, e.g. an imported HF CLIP). Its embedding width must be the prior's."""
     enc = rerank.get_encoder(clip, flag=flag)
     e = int(enc.config.model.embed_dim)
-    if e != self.prior.embed_dim:
+    if e != self.embed_dim:
       raise SamplingError(f"{flag} {clip}: its CLIP embeddings are {e}-d but this unCLIP's prior "
-                          f"and decoder use {self.prior.embed_dim}-d ones")
+                          f"and decoder use {self.embed_dim}-d ones")
     self.image_encoder = enc
     return enc
 
   def embed_images(self, images):
-    """Raw (unnormalised) CLIP image embeddings (N, E) of uint8 / [-1, 1] images, any size."""
+    """Raw (unnormalised) CLIP image embeddings (N, E) of uint8 / [-1, 1] images, any size:
+    from --clip's tower, else from the checkpoint's own (preprocessed as its processor)."""
+    if self.image_encoder is None and self.vision is not None:
+      return self._embed_own(images)
     if self.image_encoder is None:
       raise SamplingError("image inputs need a CLIP image tower: pass --clip (the CLIP the "
                           "unCLIP was trained with, e.g. Karlo's ViT-L/14)")
     return self.image_encoder.encode_images(images, normalize=False)
+
+  def _embed_own(self, images):
+    """The checkpoint's CLIP image tower on images preprocessed as its CLIPImageProcessor
+    does (karlo_checkpoint: PIL bicubic resize of the shorter side, centre crop)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise SamplingError(f"expected images of shape (N, H, W, 3), got {images.shape}")
+    if images.dtype != np.uint8:
+      images = images_lib.to_uint8(images)
+    p = self.image_processor
+    crops = np.stack([images_lib.clip_processor_crop(im, int(p["shortest_edge"]),
+                                                     int(p["crop_size"])) for im in images])
+    if "vision" not in self._compiled:
+      self._compiled["vision"] = jax.jit(
+          lambda params, x: self.vision.apply({"params": params}, x).astype(jnp.float32))
+    out = self._compiled["vision"](self.params["image_encoder"], images_lib.to_float(crops))
+    return np.asarray(out, np.float32)
 
   def empty_condition(self, n):
     """The empty caption's rows (n of them): the decoder's caption input when it decodes an
@@ -555,8 +669,10 @@ class UnclipPipeline:
                 latents=None, **kw):
     """DALL·E 2's text diffs: the image's embedding z_i rotated towards the text difference
     z_d = z_t(to) - z_t(from) (scaled to |z_i|): frames at slerp(z_i, z_d, a) for a = 0 ..
-    max_angle, x_T held fixed, DDIM. Frame 0 is the image's variation. (frames, H, W, 3)."""
+    max_angle (in (0, 1]: --text_diff_strength), x_T held fixed, DDIM. Frame 0 is the image's
+    variation. (frames, H, W, 3)."""
     _check_frames(frames)
+    _check_strength(max_angle)
     for flag, c in (("from", from_caption), ("to", to_caption)):
       if not isinstance(c, str) or not c.strip():
         raise SamplingError(f"--text_diff: the {flag} caption is empty")
@@ -578,6 +694,7 @@ class UnclipPipeline:
     (mask 0 / black) imposed at every step of both stages, so it comes back exactly; the
     masked region (nonzero / white) is generated. image uint8 (H, W, 3), mask (H, W) or
     (H, W, C) of the same size. Float (num_images, H', W', 3) at the output size."""
+    self.need_prior("--edit")
     settings = self._settings(kw)
     known = self.edit_target(image, mask)
     cond, uncond = self.condition([prompt], num_images)
@@ -590,21 +707,7 @@ class UnclipPipeline:
 
   def edit_target(self, image, mask):
     """{'x0' (1, H, W, 3) in [-1, 1], 'mask' (1, H, W, 1) 1 = keep} at the output size."""
-    image, mask = np.asarray(image), np.asarray(mask)
-    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-      raise SamplingError(f"--edit image: expected uint8 (H, W, 3), got {image.dtype} "
-                          f"{image.shape}")
-    if mask.shape[:2] != image.shape[:2]:
-      raise SamplingError(f"--mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                          f"{image.shape[1]}x{image.shape[0]}: they must be the same size")
-    m = (mask.reshape(mask.shape[:2] + (-1,)).max(-1) > 127).astype(np.uint8) * 255
-    size = self.sr_size
-    img = images_lib.resize_and_crop(image, size)
-    keep = images_lib.resize_and_crop(np.repeat(m[..., None], 3, -1), size)[..., :1] <= 127
-    if keep.all():
-      raise SamplingError("--mask marks nothing to edit (white = regenerate, black = keep)")
-    return {"x0": images_lib.to_float(img[None]).astype(np.float32),
-            "mask": keep[None].astype(np.float32)}
+    return diffusion_sampling.edit_target(image, mask, self.sr_size)
 
 
 def _batch_of_one(image):
@@ -612,20 +715,22 @@ def _batch_of_one(image):
   return image[None] if image.ndim == 3 else image
 
 
+def _check_strength(strength):
+  if not isinstance(strength, (int, float, np.floating)) or not 0 < strength <= 1:
+    raise SamplingError(f"--text_diff_strength {strength}: must be in (0, 1] (the fraction of "
+                        "the way from the image's embedding to the text difference)")
+
+
+def _strength(args):
+  return 0.5 if args.text_diff_strength is None else float(args.text_diff_strength)
+
+
 def _check_frames(frames):
   if not isinstance(frames, (int, np.integer)) or frames < 2:
     raise SamplingError(f"--frames {frames}: must be an integer >= 2")
 
 
-def read_image(path, flag):
-  """uint8 (H, W, 3) of an image file, or a one-line SamplingError naming the flag."""
-  if not path or not os.path.isfile(path):
-    raise SamplingError(f"{flag} {path}: file not found")
-  try:
-    with open(path, "rb") as f:
-      return images_lib.decode(f.read())
-  except (OSError, ValueError) as e:
-    raise SamplingError(f"{flag} {path}: unreadable image ({e})") from None
+read_image = diffusion_sampling.read_image
 
 
 # --- command line (sample.py --method unclip) -------------------------------------------
@@ -636,7 +741,13 @@ def _parser():
                               description="Text -> images with unCLIP (an imported Karlo), and "
                                           "its image modes: variations, interpolations, text "
                                           "diffs, edits.")
-  p.add_argument("--checkpoint", required=True, help="checkpoint from `convert karlo`")
+  p.add_argument("--checkpoint", default=None, help="checkpoint from `convert karlo`")
+  p.add_argument("--prior", default=None,
+                 help="trained stages instead of --checkpoint: a prior workdir "
+                      "(configs/unclip.py:shapes), with --decoder")
+  p.add_argument("--decoder", default=None,
+                 help="a clip_image decoder workdir (configs/unclip.py:shapes_decoder); its CLIP "
+                      "is the text encoder and the default --clip")
   p.add_argument("--prompt", action="append", default=[], help="repeatable (text -> image, --edit)")
   p.add_argument("--num_images", type=int, default=4, help="samples per prompt / variations")
   p.add_argument("--seed", type=int, default=0)
@@ -652,6 +763,9 @@ def _parser():
   p.add_argument("--image", default=None, help="--text_diff's image")
   p.add_argument("--mask", default=None, help="--edit's mask (same size as the image)")
   p.add_argument("--frames", type=int, default=5, help="--interpolate / --text_diff frames")
+  p.add_argument("--text_diff_strength", type=float, default=None,
+                 help="--text_diff's last frame: this fraction of the way (slerp) from the "
+                      "image's embedding to the text difference, in (0, 1] (default 0.5)")
   p.add_argument("--clip", default=None,
                  help="CLIP with the image tower that embeds input images (the one the unCLIP "
                       "was trained with: workdir, imported checkpoint or HF dir)")
@@ -682,8 +796,30 @@ def _mode(args):
   return "text"
 
 
+def _has_image_encoder(checkpoint):
+  """True if the checkpoint's config.json names its own CLIP image tower (Karlo's
+  image-variation layout): image modes then need no --clip."""
+  path = os.path.join(os.path.expanduser(checkpoint), "config.json")
+  try:
+    with open(path) as f:
+      return "image_encoder" in (json.load(f).get("model") or {})
+  except (OSError, ValueError):
+    return False
+
+
 def _check_cli(args, mode):
   """Every flag checked before any weights are read; returns the input images."""
+  stages = args.prior is not None or args.decoder is not None
+  if stages == (args.checkpoint is not None):
+    raise SamplingError("give --checkpoint (an imported Karlo) or --prior and --decoder "
+                        "(trained stages), not both")
+  if stages and (args.prior is None or args.decoder is None):
+    raise SamplingError(f"--{'decoder' if args.decoder is None else 'prior'} is missing: trained "
+                        "stages need --prior and --decoder")
+  if args.text_diff_strength is not None:
+    if mode != "text_diff":
+      raise SamplingError("--text_diff_strength goes with --text_diff")
+    _check_strength(args.text_diff_strength)
   if mode in ("text", "edit") and not args.prompt:
     raise SamplingError("no --prompt given" + (" (the edit's text)" if mode == "edit" else ""))
   if mode not in ("text", "edit") and args.prompt:
@@ -698,8 +834,10 @@ def _check_cli(args, mode):
     raise SamplingError("--image goes with --text_diff (the image to move)")
   if (args.mask is not None) != (mode == "edit"):
     raise SamplingError("--edit needs --mask, and --mask goes with --edit")
-  if mode in ("variations", "interpolate", "text_diff") and not args.clip:
-    raise SamplingError(f"--{mode} needs --clip (the CLIP image tower that embeds the image)")
+  if (mode in ("variations", "interpolate", "text_diff") and not args.clip and not stages
+      and not _has_image_encoder(args.checkpoint)):
+    raise SamplingError(f"--{mode} needs --clip (the CLIP image tower that embeds the image; "
+                        "only Karlo's image-variation checkpoint has one of its own)")
   if args.rerank_top and not args.rerank_with:
     raise SamplingError("--rerank_top needs --rerank_with CLIP")
   if args.rerank_with and mode not in ("text", "edit"):
@@ -738,13 +876,20 @@ def unclip_main(argv=None):
         raise SamplingError(f"--init_noise {args.init_noise}: file not found")
       with np.load(args.init_noise) as z:
         latents = {k: z[k] for k in z.files}
-    if not os.path.isfile(os.path.join(os.path.expanduser(args.checkpoint), "config.json")):
+    if args.checkpoint is not None and not os.path.isfile(
+        os.path.join(os.path.expanduser(args.checkpoint), "config.json")):
       raise SamplingError(f"--checkpoint {args.checkpoint}: no config.json there")
     cli.enable_compilation_cache()
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    pipe = UnclipPipeline.load(args.checkpoint, mesh=generate.mesh_from_flag(args.mesh))
+    mesh = generate.mesh_from_flag(args.mesh)
+    if args.checkpoint is None:
+      pipe = UnclipPipeline.from_stages(args.prior, args.decoder, mesh=mesh)
+    else:
+      pipe = UnclipPipeline.load(args.checkpoint, mesh=mesh)
     if args.clip:
       pipe.attach_image_encoder(args.clip)
+    elif args.checkpoint is None and mode in ("variations", "interpolate", "text_diff"):
+      pipe.attach_image_encoder(pipe.clip_path, flag=f"--decoder {args.decoder}'s CLIP")
     if args.rerank_with:
       rerank.get_encoder(args.rerank_with)  # a bad path fails before sampling
     s = dict(pipe.config.get("sampling") or {})
@@ -767,7 +912,7 @@ def unclip_main(argv=None):
         labels, sampler = [f"{args.interpolate[0]} -> {args.interpolate[1]}"], "ddim"
       elif mode == "text_diff":
         x = pipe.text_diff(inputs["a"], args.text_diff[0], args.text_diff[1], args.frames,
-                           **common)
+                           max_angle=_strength(args), **common)
         labels, sampler = [f"{args.image}: {args.text_diff[0]!r} -> {args.text_diff[1]!r}"], "ddim"
       else:
         x = pipe.edit(inputs["a"], inputs["mask"], args.prompt[0], args.num_images, **common)
@@ -786,7 +931,9 @@ def unclip_main(argv=None):
                               ("image", args.image), ("edit", args.edit), ("mask", args.mask),
                               ("clip", args.clip), ("rerank_with", args.rerank_with))
                  if v is not None}
-  meta = {"method": "unclip", "mode": mode, "model": os.path.abspath(args.checkpoint),
+  model = (os.path.abspath(args.checkpoint) if args.checkpoint is not None else
+           {"prior": os.path.abspath(args.prior), "decoder": os.path.abspath(args.decoder)})
+  meta = {"method": "unclip", "mode": mode, "model": model,
           "seed": args.seed, "num_images": args.num_images, **inputs_meta,
           "sampling": dict(settings, sampler=sampler, mesh=args.mesh, init_noise=init_noise,
                            rerank_top=args.rerank_top),
@@ -795,4 +942,5 @@ def unclip_main(argv=None):
     meta["frames"] = args.frames
   if mode == "text_diff":
     meta["text_diff"] = list(args.text_diff)
+    meta["text_diff_strength"] = _strength(args)
   return generate.write_samples(args.out, labels, images, meta, scores=scores)
