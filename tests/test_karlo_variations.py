@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from dalle_jax.convert import karlo
+from dalle_jax.data import images as images_lib
 from dalle_jax.sampling import unclip as unclip_sampling
 from dalle_jax.tools import convert as convert_tool
 
@@ -77,13 +78,27 @@ def _step_noises(n):
           .transpose(0, 3, 1, 2) for s in ("decoder", "super_res") for i in range(STEPS[s] - 1)]
 
 
+_OURS = {}
+
+
+def _ours(ckpt):
+  """(pipeline, float variations (N_IMAGES, BIG, BIG, 3)) of the input image, computed once
+  per process (progress=True: the CLI test reuses the compiled stages)."""
+  if ckpt not in _OURS:
+    pipe = unclip_sampling.UnclipPipeline.load(ckpt)
+    _OURS[ckpt] = pipe, pipe.variations(
+        _image(), N_IMAGES, seed=SEED, decoder_steps=STEPS["decoder"],
+        sr_steps=STEPS["super_res"], decoder_guidance_scale=GUIDANCE, progress=True)
+  return _OURS[ckpt]
+
+
 def test_variations_match_diffusers(variation, monkeypatch):
   ref, ckpt, _ = variation
   with open(os.path.join(ckpt, "config.json")) as f:
     cfg = json.load(f)
   assert "prior" not in cfg["model"] and sorted(cfg["schedulers"]) == ["decoder", "super_res"]
   assert cfg["model"]["image_processor"] == {"shortest_edge": CROP, "crop_size": CROP}
-  pipe = unclip_sampling.UnclipPipeline.load(ckpt)
+  pipe, ours = _ours(ckpt)
   image = _image()
   # the vision tower after the processor: the pipeline's own image embedding
   with torch.no_grad():
@@ -94,8 +109,6 @@ def test_variations_match_diffusers(variation, monkeypatch):
   np.testing.assert_allclose(emb, want_emb, atol=1e-5, rtol=0)
   assert np.abs(want_emb).max() > 0.1
 
-  ours = pipe.variations(image, N_IMAGES, seed=SEED, decoder_steps=STEPS["decoder"],
-                         sr_steps=STEPS["super_res"], decoder_guidance_scale=GUIDANCE)
   noise = pipe.initial_noise(SEED, N_IMAGES)
   queue = _step_noises(N_IMAGES)
 
@@ -116,20 +129,29 @@ def test_variations_match_diffusers(variation, monkeypatch):
   assert np.abs(ours[0] - ours[1]).max() > 1e-2  # two x_T, two different variations
 
 
-def test_cli_variations_and_errors(variation, tmp_path):
+def test_cli_variations_and_errors(variation, tmp_path, monkeypatch):
+  """The CLI without --clip writes the library's variations (same seed and settings; the
+  parity test's loaded pipeline is reused so that nothing compiles twice)."""
   import sample  # pylint: disable=g-import-not-at-top
   _, ckpt, root = variation
   os.environ["DALLE_JAX_CACHE_DIR"] = ""
+  pipe, ours = _ours(ckpt)
+  monkeypatch.setattr(unclip_sampling.UnclipPipeline, "load",
+                      classmethod(lambda cls, path, mesh=None: pipe))
   out = str(tmp_path / "var.png")
   sample.main(["--method", "unclip", "--checkpoint", ckpt, "--variations",
-               os.path.join(root, "input.png"), "--num_images", "2", "--seed", "1",
-               "--decoder_steps", "2", "--sr_steps", "2", "--out", out])
+               os.path.join(root, "input.png"), "--num_images", str(N_IMAGES), "--seed",
+               str(SEED), "--decoder_steps", str(STEPS["decoder"]), "--sr_steps",
+               str(STEPS["super_res"]), "--decoder_guidance_scale", str(GUIDANCE), "--out", out])
   with open(tmp_path / "var" / "samples.json") as f:
     meta = json.load(f)
   assert meta["mode"] == "variations" and "clip" not in meta
-  imgs = [np.asarray(Image.open(tmp_path / "var" / r["file"])) for r in meta["images"]]
-  assert len(imgs) == 2 and imgs[0].shape == (BIG, BIG, 3)
-  assert np.abs(imgs[0].astype(int) - imgs[1]).max() > 3
+  imgs = np.stack([np.asarray(Image.open(tmp_path / "var" / r["file"]))
+                   for r in meta["images"]])
+  want = images_lib.to_uint8(ours)
+  assert imgs.shape == want.shape == (N_IMAGES, BIG, BIG, 3)
+  assert np.abs(imgs.astype(int) - want).max() <= 1  # PNG of the same floats
+  monkeypatch.undo()
 
   with pytest.raises(SystemExit, match=r"text -> image needs a prior.*image-variation layout"):
     sample.main(["--method", "unclip", "--checkpoint", ckpt, "--prompt", "a cat", "--out", out])
