@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from dalle_jax.configs import imagen as imagen_cfg  # noqa: E402  pylint: disable=g-import-not-at-top
+from dalle_jax.configs import imagen as imagen_cfg  # noqa: E402
 from dalle_jax.data import pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
 from dalle_jax.data import records  # noqa: E402  pylint: disable=g-import-not-at-top
-from dalle_jax.tools import convert, embed, encode_dataset  # noqa: E402  pylint: disable=g-import-not-at-top
+from dalle_jax.tools import convert, embed, encode_dataset  # noqa: E402
 from dalle_jax.train import loop  # noqa: E402  pylint: disable=g-import-not-at-top
 from tests import test_diffusion_task  # noqa: E402  pylint: disable=g-import-not-at-top
 from tests import test_t5  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -122,8 +122,10 @@ def test_sr_stage_trains_on_t5_records_sharded_and_resumes_exactly(t5_records, t
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda c: c.text.update(max_len=16), r"text_states are 40 tokens x 32; set config.text.max_len=40"),
-    (lambda c: c.model.unet.update(context_dim=16), r"config.model.unet.context_dim=32 \(now 40 and 16\)"),
+    (lambda c: c.text.update(max_len=16),
+     r"text_states are 40 tokens x 32; set config.text.max_len=40"),
+    (lambda c: c.model.unet.update(context_dim=16),
+     r"config.model.unet.context_dim=32 \(now 40 and 16\)"),
     (lambda c: c.data.update(dataset=DATASET), r"holds no pre-encoded text_states"),
 ])
 def test_records_checked_before_compiling(t5_records, tmp_path, change, message):

@@ -43,6 +43,26 @@ The paper sizes, checked abstractly (tests/test_imagen_presets.py; never allocat
   `tools.convert hf_t5` checkpoint) pooled into the timestep embedding and attended to;
   records must carry pre-encoded text_states / text_mask (the trainer never runs T5).
 
+Frozen T5 states (any preset; the trainer never runs T5): encode the captions once, then
+train on the records (their 'empty_caption' split is the blank caption's states, used for
+caption dropout and as guidance's unconditional rows; sampling encodes prompts with the
+same `text_encoder.t5`):
+  python -m dalle_jax.tools.convert hf_t5 --src t5-v1_1-xxl --out ckpt/t5_v1_1_xxl
+  python -m dalle_jax.tools.encode_dataset --t5 ckpt/t5_v1_1_xxl --max_len 128 \
+      --dataset coco_captions --data_dir data --out data/coco_t5 --states_dtype float16 \
+      [--mesh 1,4,2: the encoder's weights split over fsdp x tensor]
+  python train.py --config configs/imagen.py:imagen_sr256 --workdir w/sr256 \
+      --config.data.dataset=data/coco_t5
+  On shapes (any T5; text.max_len and model.unet.context_dim must match the records, else
+  a one-line error before compiling): --config.text_encoder.t5=CKPT
+      --config.data.dataset=RECORDS --config.text.max_len=L --config.model.unet.context_dim=D
+  (tests/test_t5_records.py: records equal `tools.embed --t5`; shapes_sr32 reduced to 8 -> 16
+  px trains on them on a 2x2x2 mesh and resumes exactly.) Run by hand with a tiny T5 (2
+  layers, d_model 32, max_len 40) on shapes/16px_40: encode_dataset --t5, train.py
+  shapes_base16 and shapes_sr32 with those four flags (2 steps each, eval + preview), then
+  sample.py --method cascade --stages BASE,SR: every step ran (the T5 encodes the prompts
+  and the blank negative prompt at sampling).
+
 Keys beyond configs/diffusion.py:
   model.low_res_size       the SR stage's input size (0 = a base stage)
   cascade.noise_schedule   the augmentation's beta schedule (IF's image_noising_scheduler:

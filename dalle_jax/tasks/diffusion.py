@@ -181,6 +181,9 @@ class DiffusionTask(base.Task):
         raise ValueError("T5 text states need config.model.unet.context_dim = the T5 width")
       self.model = text2im.build(config, text_width=self.text_width)
       self.text_len = int(if_cfg.get("text_len", 0) or config.text.max_len)
+      if self.config.text.tokenizer == "sentencepiece" and not self.config.text.path:
+        # prompts are T5's to tokenize (text_encoder.t5): no SentencePiece trained on captions
+        self.config.text.tokenizer = "t5"
     else:
       self.model = text2im.build(config)
       self.text_len = int(m.text.max_len) if self.conditioning == "text" else 0
@@ -334,7 +337,8 @@ class DiffusionTask(base.Task):
     source = pipeline.load_source(d, d.train_split)
     how = "write them with `python -m dalle_jax.tools.encode_dataset --t5 T5 ...`"
     if not isinstance(source, records.RecordsSource) or "text_states" not in source.features:
-      raise ValueError(f"config.text_encoder.t5: the dataset holds no pre-encoded text_states; {how}")
+      raise ValueError("config.text_encoder.t5: the dataset holds no pre-encoded text_states; "
+                       + how)
     shape = tuple(source.features["text_states"]["shape"])
     if shape != (self.text_len, self.text_width):
       raise ValueError(f"the records' text_states are {shape[0]} tokens x {shape[-1]}; set "

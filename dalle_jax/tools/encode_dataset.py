@@ -120,7 +120,8 @@ def _main_t5(args):
       if len(sizes) != 3:
         raise ValueError
     except ValueError:
-      raise ValueError(f"--mesh {args.mesh!r}: three sizes DATA,FSDP,TENSOR (one may be -1)") from None
+      raise ValueError(f"--mesh {args.mesh!r}: three sizes DATA,FSDP,TENSOR "
+                       "(one may be -1)") from None
     mesh = parallel.make_mesh(dict(zip(("data", "fsdp", "tensor"), sizes)), jax.local_devices())
     data_cfg = ml_collections.ConfigDict({"dataset": args.dataset, "data_dir": args.data_dir})
     splits = [s for s in args.splits.split(",") if s]
@@ -137,7 +138,8 @@ def _main_t5(args):
           "states_dtype": args.states_dtype, "source": args.dataset}
   for split in splits:
     try:
-      count = records.write_records(args.out, split, encode_captions(encoder, sources[split], dtype),
+      count = records.write_records(args.out, split,
+                                    encode_captions(encoder, sources[split], dtype),
                                     num_shards=args.num_shards, meta=meta)
     except ValueError as e:
       sys.exit(f"error: {e}")
