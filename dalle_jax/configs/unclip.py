@@ -1,4 +1,6 @@
-"""unCLIP's diffusion prior: caption -> CLIP image embedding (family "prior", DALL·E 2 / Karlo).
+"""unCLIP (DALL·E 2 / Karlo): the diffusion prior (caption -> CLIP image embedding, family
+"prior") and the decoder (CLIP image embedding + caption -> image, family "diffusion" with
+conditioning "clip_image": the `*_decoder` presets).
 
 The prior trains on CLIP embeddings precomputed once with tools.embed (any CLIP the
 project has: a trained workdir or an imported Hugging Face CLIP):
@@ -26,6 +28,36 @@ Presets:
           parameters); `convert karlo` imports its weights for sampling or fine-tuning
           (init_from).
 
+Decoder presets (dalle_jax/tasks/diffusion.py, conditioning "clip_image"; the frozen CLIP
+config.text_encoder.clip embeds each training image and caption inside the step, Karlo's
+text projection turns the image embedding into model.clip_tokens extra context tokens
+before the caption's projected states and into a time-embedding addition; the caption is
+dropped with diffusion.cond_drop_prob = 0.5 and, independently, the image embedding with
+diffusion.image_drop_prob = 0.1, as DALL·E 2 section 2.1):
+  shapes_decoder  the diffusion family's 16 px shapes U-Net (v-prediction, cosine) on the
+          demo CLIP's embeddings, 600 steps of 64 (1.34M parameters):
+            python train.py --config configs/unclip.py:shapes_decoder --workdir demo/decoder \
+                --config.text_encoder.clip=demo/clip
+            python sample.py --method unclip --prior demo/prior --decoder demo/decoder \
+                --prompt "a red circle on a blue background" --num_images 8 --out t2i.png
+            python sample.py --method unclip --prior demo/prior --decoder demo/decoder \
+                --variations red_circle.png --num_images 4 --out var.png
+            python sample.py --method unclip --prior demo/prior --decoder demo/decoder \
+                --interpolate a.png b.png --frames 5 --out interp.png
+            python sample.py --method unclip --prior demo/prior --decoder demo/decoder \
+                --text_diff "a red circle" "a green circle" --image a.png \
+                --text_diff_strength 0.5 --out diff.png
+          (--prior/--decoder: trained stages, no super-resolution; the decoder's CLIP is the
+          text encoder and embeds input images.)
+  unclip_decoder  DALL·E 2's 64 px decoder: GLIDE's U-Net (512 x (1, 2, 3, 4), 3 blocks,
+          attention at 32/16/8 px, 2.3B parameters) with 2048-wide context tokens; the
+          caption enters as the frozen CLIP's token states (as Karlo), where the paper keeps
+          GLIDE's trainable text transformer.
+  karlo_decoder   Karlo's decoder (decoder/config.json: 320 x (1, 2, 3, 4), 3 blocks,
+          added-KV attention with 64-wide heads at levels 2-4, 1536-wide context, learned
+          variance), over ViT-L/14's 768-d embeddings: diffusers' parameter count exactly
+          (tests/test_unclip_decoder.py); its scheduler and Karlo's sampling defaults.
+
 Keys beyond configs/common.py:
   model.*        PriorTransformer kwargs (dalle_jax/models/prior.py); embed_dim, text_dim
                  and text_len must match the records (checked, naming the key)
@@ -41,8 +73,11 @@ import ml_collections
 
 from dalle_jax.configs import common
 from dalle_jax.configs import diffusion as diffusion_configs
+from dalle_jax.models.unclip import CLIP_EMBED
 
-PRESETS = ("shapes", "unclip", "karlo")
+PRIOR_PRESETS = ("shapes", "unclip", "karlo")
+DECODER_PRESETS = ("shapes_decoder", "unclip_decoder", "karlo_decoder")
+PRESETS = PRIOR_PRESETS + DECODER_PRESETS
 
 
 def prior_model_config(embed_dim, text_dim, text_len, num_layers, num_heads, head_dim,
@@ -63,8 +98,49 @@ def prior_model_config(embed_dim, text_dim, text_len, num_layers, num_heads, hea
   return m
 
 
+def decoder_config(name):
+  """The decoder presets: the diffusion family's configs with conditioning 'clip_image'
+  (dalle_jax/tasks/diffusion.py, dalle_jax/models/unclip.py)."""
+  if name == "shapes_decoder":
+    c = diffusion_configs.get_config("shapes")
+    c.model.unet = diffusion_configs.unet_config(**dict(
+        diffusion_configs.SHAPES_UNET, context_dim=64, extra_embeds=(f"{CLIP_EMBED}:identity",)))
+    c.text_encoder.clip = "demo/clip"
+    c.total_steps = 600
+  else:
+    c = diffusion_configs.get_config("glide_base64")
+    if name == "unclip_decoder":  # GLIDE's 64 px U-Net, context tokens of GLIDE's text width
+      unet = dict(diffusion_configs.GLIDE_BASE64_UNET, context_dim=2048)
+      c.text_encoder.clip = "ckpt/clip-vit-huge-14"
+    else:  # Karlo's decoder/config.json
+      unet = dict(block_channels=(320, 640, 960, 1280), num_res_blocks=3,
+                  attention=("none", "added_kv", "added_kv", "added_kv"),
+                  mid_attention="added_kv", attn_heads=0, attn_head_dim=64, resample="resnet",
+                  time_cond="scale_shift", out_channels=6, norm_groups=32, norm_eps=1e-5,
+                  flip_sin_to_cos=True, freq_shift=0.0, downsample_padding=1, dropout=0.0,
+                  context_dim=1536)
+      c.text_encoder.clip = "ckpt/clip-vit-large-patch14"
+      c.diffusion.use_clipped_model_output = False  # UnCLIPScheduler
+      c.sampling = diffusion_configs.sampling_config(prompts=c.sampling.prompts,
+                                                     guidance_scale=8.0, steps=25)
+      c.sampling.sampler = "unclip"
+    c.model.unet = diffusion_configs.unet_config(**dict(
+        unet, extra_embeds=(f"{CLIP_EMBED}:identity",)))
+    c.optimizer.learning_rate = 1.2e-4
+    c.ema_decay = 0.9999
+  c.model.conditioning = "clip_image"
+  c.model.clip_tokens = 4  # N extra context tokens from the image embedding
+  del c.model["text"]  # the caption's states come from the frozen CLIP
+  # DALL·E 2 section 2.1: the caption dropped 50% of the time, the CLIP embedding 10%
+  c.diffusion.cond_drop_prob = 0.5
+  c.diffusion.image_drop_prob = 0.1
+  return c
+
+
 def get_config(arg=None):
   name = common.parse_preset(arg, PRESETS, "shapes")
+  if name in DECODER_PRESETS:
+    return decoder_config(name)
   c = common.base_config()
   c.family = "prior"
   # Karlo's prior_scheduler: UnCLIPScheduler (cosine, x0-prediction, sampled clipped to +-5

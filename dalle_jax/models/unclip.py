@@ -12,7 +12,10 @@ dalle_jax/convert/karlo.py); `drop_image_b` swaps in a learned "null" image embe
 per example: the unconditional half of classifier-free guidance at sampling time,
 image-embedding dropout at training time. `UnclipDecoder` wires it to the U-Net
 (dalle_jax/models/unet.py, whose config declares the extra embedding
-`"clip:identity"` and `context_dim` = X).
+`"clip:identity"` and `context_dim` = X). Its `encode` / `denoise` split is Text2Im's
+(dalle_jax/models/text2im.py), so the diffusion task trains it
+(`config.model.conditioning = "clip_image"`, built by `build_decoder`) and a sampler's
+loop holds only U-Net passes.
 
 Shapes: B batch, E CLIP embedding width, S caption tokens, C caption state width,
 N extra context tokens, X context width, T the U-Net's time-embedding width,
@@ -85,13 +88,16 @@ class UnclipDecoder(nn.Module):
 
   __call__(x_bhwc, t_b, image_embed_be, text_embed_be, text_bsc, text_mask_bs=None, *,
            drop_image_b=None, train=False) -> (B, H, W, out_channels) f32.
+  encode(cond) -> dict(context, context_mask, embeds) and denoise(x, t, **that): the same
+  computation split as Text2Im's (cond: image_embed (B, E), text_pooled (B, E') the
+  caption's CLIP text embedding, text_states (B, S, C), text_mask (B, S), optionally
+  drop_image (B,) bool); from_cond(x, t, cond) = denoise(x, t, **encode(cond)).
   Parameters: {'text_proj': ..., 'unet': ...}.
   """
   text_proj: TextProjection
   unet: unet_lib.UNet
 
-  def __call__(self, x_bhwc, t_b, image_embed_be, text_embed_be, text_bsc, text_mask_bs=None, *,
-               drop_image_b=None, train=False):
+  def _check(self):
     declared = unet_lib.parse_extra_embeds(self.unet.extra_embeds)
     if declared.get(CLIP_EMBED, (None,))[0] != "identity" or len(declared) != 1:
       raise ValueError(f"UnclipDecoder: the U-Net's extra_embeds must be "
@@ -99,7 +105,63 @@ class UnclipDecoder(nn.Module):
     if self.unet.context_dim != self.text_proj.context_dim:
       raise ValueError(f"UnclipDecoder: U-Net context_dim={self.unet.context_dim} but the text "
                        f"projection makes {self.text_proj.context_dim}-wide tokens")
-    ctx, ctx_mask, time_add = self.text_proj(image_embed_be, text_embed_be, text_bsc, text_mask_bs,
-                                             drop_image_b)
-    return self.unet(x_bhwc, t_b, context_bsd=ctx, context_mask_bs=ctx_mask,
-                     embeds={CLIP_EMBED: time_add}, train=train)
+
+  def encode(self, cond):
+    self._check()
+    ctx, ctx_mask, time_add = self.text_proj(cond["image_embed"], cond["text_pooled"],
+                                             cond["text_states"], cond.get("text_mask"),
+                                             cond.get("drop_image"))
+    return dict(context=ctx, context_mask=ctx_mask, embeds={CLIP_EMBED: time_add})
+
+  def denoise(self, x_bhwc, t_b, context=None, context_mask=None, embeds=None, train=False,
+              low_res=None):
+    self._check()
+    return self.unet(x_bhwc, t_b, context_bsd=context, context_mask_bs=context_mask,
+                     embeds=embeds or {}, low_res_bhwc=low_res, train=train)
+
+  def from_cond(self, x_bhwc, t_b, cond, train=False, low_res=None, embeds=None):
+    enc = self.encode(cond)
+    enc["embeds"] = dict(enc["embeds"], **(embeds or {}))
+    return self.denoise(x_bhwc, t_b, **enc, train=train, low_res=low_res)
+
+  def __call__(self, x_bhwc, t_b, image_embed_be, text_embed_be, text_bsc, text_mask_bs=None, *,
+               drop_image_b=None, train=False):
+    cond = dict(image_embed=image_embed_be, text_pooled=text_embed_be, text_states=text_bsc,
+                text_mask=text_mask_bs, drop_image=drop_image_b)
+    return self.from_cond(x_bhwc, t_b, cond, train=train)
+
+
+def decoder_kwargs(config):
+  """{'text_proj': TextProjection kwargs, 'unet': UNet kwargs} of a `clip_image` diffusion
+  config (the layout `convert karlo` records as model.decoder): X = model.unet.context_dim,
+  T the U-Net's time-embedding width, N = model.clip_tokens; the U-Net's extra embedding
+  'clip:identity' is declared here when the config leaves it out."""
+  m = config.model
+  cfg = m.unet.to_dict() if hasattr(m.unet, "to_dict") else dict(m.unet)
+  embeds = tuple(cfg.get("extra_embeds", ()) or ())
+  if not embeds:
+    cfg["extra_embeds"] = (f"{CLIP_EMBED}:identity",)
+  elif tuple(embeds) != (f"{CLIP_EMBED}:identity",):
+    raise ValueError(f"config.model.unet.extra_embeds={embeds}: the unCLIP decoder's U-Net takes "
+                     f"only ('{CLIP_EMBED}:identity',) (the text projection's time addition)")
+  if int(cfg.get("context_dim", 0) or 0) <= 0:
+    raise ValueError("config.model.unet.context_dim must be > 0: the width of the decoder's "
+                     "context tokens (the projected image embedding and caption states)")
+  unet_kw = unet_lib.unet_kwargs(cfg)
+  tokens = int(m.get("clip_tokens", 4))
+  if tokens < 1:
+    raise ValueError(f"config.model.clip_tokens={tokens} must be >= 1")
+  temb = int(unet_kw["time_embed_dim"]) or 4 * int(unet_kw["block_channels"][0])
+  return {"text_proj": dict(context_dim=int(unet_kw["context_dim"]), time_embed_dim=temb,
+                            num_tokens=tokens),
+          "unet": unet_kw}
+
+
+def build_decoder(config, dtype=None):
+  """UnclipDecoder from a full `clip_image` diffusion config (model.*, dtype, remat)."""
+  kw = decoder_kwargs(config)
+  dtype = layers.dtype_from_name(dtype or config.dtype)
+  param_dtype = layers.dtype_from_name(config.param_dtype)
+  return UnclipDecoder(
+      text_proj=TextProjection(**kw["text_proj"], dtype=dtype, param_dtype=param_dtype),
+      unet=unet_lib.UNet(**kw["unet"], remat=config.remat, dtype=dtype, param_dtype=param_dtype))
