@@ -229,24 +229,39 @@ _WORKER = r"""
 import sys, numpy as np, jax
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 jax.distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
-from test_evaluate import CheapExtractor, _images
-from dalle_jax.evaluate import features as feat_lib, sources as src_lib
+from test_evaluate import CheapExtractor, _images, _pair_captions
+from dalle_jax.evaluate import clip_cosines, features as feat_lib, sources as src_lib
+from dalle_jax.sampling import rerank
 ext = CheapExtractor(feat_lib.data_mesh(), 8)
 got = src_lib.extract(src_lib.NpzSource("x.npz", _images(21)), ext, keep_features=True)
+cos, skipped = clip_cosines.ClipCosines(rerank.get_encoder({clip!r}), 8).of_source(
+    src_lib.NpzSource("x.npz", _images(21)), _pair_captions(21))
 if jax.process_index() == 0:
   np.savez({out!r}, n=got.n, sum=got.stats.sum, sum_outer=got.stats.sum_outer,
-           pool=got.features["pool"])
+           pool=got.features["pool"], clip_n=cos.n, clip_skipped=skipped,
+           clip_sums=[cos.sum_cos, cos.sum_pos_cos])
 """
+
+
+def _pair_captions(n):
+  return [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
 
 
 def test_two_processes_merge_sums_not_covariances(tmp_path):
   """Two processes of 4 devices (one JAX cluster on loopback) each read their rows; Σx, Σxxᵀ
-  and N merged across processes equal one 8-device process, and so do the gathered features."""
+  and N merged across processes equal one 8-device process, and so do the gathered features.
+  CLIP score the same way: each process embeds its rows' (image, caption) pairs on the global
+  mesh and the float64 sums of cosines are merged; both equal the numpy definition on the
+  embeddings of a plain single-process ClipEncoder (so does one process with an unreadable
+  image skipped)."""
+  from dalle_jax.evaluate import clip_cosines  # pylint: disable=g-import-not-at-top
+  from dalle_jax.sampling import rerank  # pylint: disable=g-import-not-at-top
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  out = str(tmp_path / "two.npz")
-  code = _WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), port=port, out=out)
+  out, clip = str(tmp_path / "two.npz"), _save_clip(str(tmp_path / "clip"))
+  code = _WORKER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), port=port, out=out,
+                        clip=clip)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], cwd=str(tmp_path), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
@@ -259,6 +274,23 @@ def test_two_processes_merge_sums_not_covariances(tmp_path):
     np.testing.assert_allclose(two["pool"], one.features["pool"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(two["sum"], one.stats.sum, rtol=1e-9)
     np.testing.assert_allclose(two["sum_outer"], one.stats.sum_outer, rtol=1e-9)
+    two_clip = clip_cosines.CosineSums(int(two["clip_n"]), *two["clip_sums"]).result()
+    assert int(two["clip_skipped"]) == 0
+  enc = rerank.get_encoder(clip)
+  images, captions = _images(21), _pair_captions(21)
+  ref = metrics.clip_score(enc.encode_images(images), enc.encode_texts(captions))
+  assert ref["num_pairs"] == two_clip["num_pairs"] == 21
+  for k in ("clip_score_torchmetrics", "clip_score_hessel", "mean_cosine"):
+    assert two_clip[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
+  bad = src_lib.NpzSource("x.npz", images)
+  bad.load = lambda i: None if i == 5 else images[i]
+  sums, skipped = clip_cosines.ClipCosines(enc, 8).of_source(bad, captions)
+  keep = [i for i in range(21) if i != 5]
+  ref = metrics.clip_score(enc.encode_images(images[keep]),
+                           enc.encode_texts([captions[i] for i in keep]))
+  assert skipped == 1 and sums.n == 20
+  for k, v in sums.result().items():
+    assert v == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- sources / CLI
@@ -383,6 +415,25 @@ def _save_ar(path, vqgan):
   ckpt.save_imported(path, config, nn.meta.unbox(params))
 
 
+def _save_clip(path):
+  """A tiny random CLIP (shapes preset shrunk, its own SentencePiece): loads without torch."""
+  from dalle_jax.configs import clip as clip_cfg  # pylint: disable=g-import-not-at-top
+  from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
+  from dalle_jax.tasks import clip as clip_task  # pylint: disable=g-import-not-at-top
+  from dalle_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.train_sentencepiece(CAPTIONS * 20, os.path.join(path, "sp.model"), 64)
+  config = clip_cfg.get_config("shapes")
+  config.model.update(embed_dim=16)
+  config.model.text.update(dict(width=32, layers=1, heads=2, mlp_dim=64, max_len=8,
+                                vocab_size=tok.vocab_size))
+  config.model.vision.update(dict(width=32, layers=1, heads=2, mlp_dim=64, image_size=16))
+  config.text.update(vocab_size=tok.vocab_size, max_len=8, path="sp.model")
+  config.dtype = "float32"
+  task = clip_task.ClipTask(config)
+  ckpt.save_imported(path, config, _random_variables(task.init, task.dummy_batch(1), 0.2))
+  return path
+
+
 def _save_diffusion(path):
   from dalle_jax.configs import diffusion as diffusion_cfg  # pylint: disable=g-import-not-at-top
   from dalle_jax.data import tokenizers  # pylint: disable=g-import-not-at-top
@@ -399,6 +450,12 @@ def _save_diffusion(path):
   config.diffusion.num_train_timesteps = 100
   task = diffusion_task.DiffusionTask(config)
   ckpt.save_imported(path, config, _random_variables(task.init, task.dummy_batch(1), 0.1))
+
+
+def _random_reference_stats(path):
+  """Random rank-64 reference statistics (mu, sigma) of Inception's width."""
+  a = np.random.default_rng(9).normal(size=(inception.POOL_DIM, 64))
+  stats_lib.save_stats(path, a[:, 0], a @ a.T / 64, 64)
 
 
 @pytest.fixture(scope="module")
@@ -420,8 +477,7 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
   _save_ar(f"{m}/ar", f"{m}/vqgan")
   _save_diffusion(f"{m}/diffusion")
   write_tiny_hf_clip(f"{m}/clip")
-  a = np.random.default_rng(9).normal(size=(inception.POOL_DIM, 64))
-  stats_lib.save_stats(f"{m}/ref.npz", a[:, 0], a @ a.T / 64, 64)
+  _random_reference_stats(f"{m}/ref.npz")
   (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS[:3]) + "\n\n")
   common = ["--inception", inception_pth, "--batch_size", "8"]
   fid_flags = ["--real", f"{m}/ref.npz", *common]
@@ -460,25 +516,73 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
     size = 32 if family == "ar" else 16
     assert images.shape == (5, size, size, 3) and images.dtype == np.uint8
     assert images.std() > 1  # not blank
-    lines = capsys.readouterr().out.strip().splitlines()
-    if family != "cascade":
-      fid = saved["scores"]["fid"]
-      assert fid["n"] == 5 and fid["real"]["kind"] == "stats" and fid["value"] > 0
-      assert lines[-1].startswith(f"FID {fid['value']:.6f} CLIP score ")
-      assert "| scores.fid.value |" in (tmp_path / f"{family}.md").read_text()
-      ref = cli.main(["fid", "--real", f"{m}/ref.npz", "--fake", samples, *common,
-                      "--out", f"{m}/fid.json"])
-      assert fid["value"] == pytest.approx(ref["value"], rel=1e-6)
-    else:
-      assert "fid" not in saved["scores"] and lines[-1].startswith("CLIP score ")
-    (tmp_path / "used.txt").write_text("\n".join(saved["captions"]) + "\n")
-    ref = cli.main(["clip_score", "--fake", samples, "--clip", f"{m}/clip",
-                    "--captions", f"{m}/used.txt", "--out", f"{m}/cs.json"])
-    got = saved["scores"]["clip_score"]
-    assert ref["fake"]["n"] == got["num_pairs"] == 5
-    for k in ("clip_score_torchmetrics", "clip_score_hessel", "mean_cosine"):
-      assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
-    assert got["clip"] == ref["clip"]
+    _check_scores_against_subcommands(saved, samples, family != "cascade", tmp_path,
+                                      capsys.readouterr().out, common)
+
+
+
+def test_generate_unclip_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp_path,
+                                                                     capsys):
+  """generate --family unclip on test_unclip_pipeline's tiny random Karlo-layout pipeline
+  (imported with `convert karlo`): prior -> decoder -> two super-resolution stages, 3 cycled
+  captions in 2 sampling calls (2 rows + 1 padded); the flags given and the checkpoint's
+  defaults are recorded, and FID / CLIP score equal the subcommands' on the saved images."""
+  from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
+  from dalle_jax.tools import convert as convert_tool  # pylint: disable=g-import-not-at-top
+  from tests import test_unclip_pipeline as karlo_fixture  # pylint: disable=g-import-not-at-top
+  from tests.test_clip_convert import write_tiny_hf_clip  # pylint: disable=g-import-not-at-top
+  m = str(tmp_path)
+  karlo_fixture._write_karlo(m)  # pylint: disable=protected-access
+  convert_tool.main(["karlo", "--src", f"{m}/karlo", "--out", f"{m}/unclip"])
+  write_tiny_hf_clip(f"{m}/clip")
+  _random_reference_stats(f"{m}/ref.npz")
+  (tmp_path / "captions.txt").write_text("\n".join(CAPTIONS[:2]) + "\n")
+  common = ["--inception", inception_pth, "--batch_size", "8"]
+  samples, out = f"{m}/unclip_samples.npz", tmp_path / "unclip.json"
+  cli.main(["generate", "--family", "unclip", "--checkpoint", f"{m}/unclip",
+            "--captions", f"{m}/captions.txt", "--num", "3", "--seed", "5",
+            "--sample_batch_size", "2", "--prior_steps", "2", "--decoder_steps", "2",
+            "--sr_steps", "2", "--decoder_guidance_scale", "3", "--score", "fid,clip_score",
+            "--real", f"{m}/ref.npz", *common, "--clip", f"{m}/clip",
+            "--save_samples", samples, "--out", str(out)])
+  saved = json.loads(out.read_text())
+  assert saved["captions"] == [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]]
+  assert saved["seeds"] == [5, 6] and saved["family"] == "unclip"
+  assert saved["settings"]["sampling"] == {
+      "prior_steps": 2, "decoder_steps": 2, "sr_steps": 2, "decoder_guidance_scale": 3.0,
+      "prior_guidance_scale": 4.0}  # the one flag not given: the pipeline's default
+  with np.load(samples) as z:
+    images = z["arr_0"]
+  big = karlo_fixture.BIG  # the last super-resolution stage's size
+  assert images.shape == (3, big, big, 3) and images.dtype == np.uint8 and images.std() > 1
+  _check_scores_against_subcommands(saved, samples, True, tmp_path, capsys.readouterr().out,
+                                    common)
+
+def _check_scores_against_subcommands(saved, samples, fid, tmp_path, stdout, common):
+  """generate's in-memory FID / CLIP score equal the fid / clip_score subcommands run on the
+  lossless samples it saved (the same captions, the same CLIP, the same Inception)."""
+  from dalle_jax.evaluate import cli  # pylint: disable=g-import-not-at-top
+  m, family = str(tmp_path), saved["family"]
+  n = len(saved["captions"])
+  lines = stdout.strip().splitlines()
+  if fid:
+    fid = saved["scores"]["fid"]
+    assert fid["n"] == n and fid["real"]["kind"] == "stats" and fid["value"] > 0
+    assert lines[-1].startswith(f"FID {fid['value']:.6f} CLIP score ")
+    assert "| scores.fid.value |" in (tmp_path / f"{family}.md").read_text()
+    ref = cli.main(["fid", "--real", f"{m}/ref.npz", "--fake", samples, *common,
+                    "--out", f"{m}/fid.json"])
+    assert fid["value"] == pytest.approx(ref["value"], rel=1e-6)
+  else:
+    assert "fid" not in saved["scores"] and lines[-1].startswith("CLIP score ")
+  (tmp_path / "used.txt").write_text("\n".join(saved["captions"]) + "\n")
+  ref = cli.main(["clip_score", "--fake", samples, "--clip", f"{m}/clip",
+                  "--captions", f"{m}/used.txt", "--out", f"{m}/cs.json"])
+  got = saved["scores"]["clip_score"]
+  assert ref["fake"]["n"] == got["num_pairs"] == n
+  for k in ("clip_score_torchmetrics", "clip_score_hessel", "mean_cosine"):
+    assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6)
+  assert got["clip"] == ref["clip"]
 
 
 def test_generate_rejects_bad_inputs_before_loading(tmp_path):

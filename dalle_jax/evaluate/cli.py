@@ -18,7 +18,8 @@ fid only) or DATASET:SPLIT in --data_dir. PTH: pytorch-fid's pt_inception-2015-1
 local file (never downloaded). Every subcommand writes --out (JSON) and a Markdown table beside
 it (.md); `fid` prints `FID <value>` as its last line. Bad inputs fail with one line before any
 model is loaded. Multi-process runs (TPU pods, or DALLE_JAX_COORDINATOR / _NUM_PROCESSES /
-_PROCESS_ID) shard extraction over every device; process 0 writes the results.
+_PROCESS_ID) shard Inception features and CLIP cosines over every device of every process
+(float64 sums merged); process 0 writes the results.
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ import time
 
 import numpy as np
 
+from dalle_jax.evaluate import clip_cosines as clip_lib
 from dalle_jax.evaluate import features as feat_lib
 from dalle_jax.evaluate import generate as gen_lib
 from dalle_jax.evaluate import metrics
@@ -289,31 +291,19 @@ def cmd_clip_score(args):
     raise UsageError("clip_score: --captions FILE is needed unless --fake is a DATASET:SPLIT "
                      "with captions")
   from dalle_jax.sampling import rerank  # pylint: disable=g-import-not-at-top
-  enc = rerank.get_encoder(args.clip, batch_size=args.batch_size, show_progress=True)
-  images = [fake.load(i) for i in range(n)]
-  keep = [i for i, im in enumerate(images) if im is not None]
-  # Any size is fine: the encoder resizes to the CLIP model's input.
-  sizes = {images[i].shape for i in keep}
-  if len(sizes) > 1:
-    images = [_center_square(images[i], enc.image_size) for i in keep]
-  else:
-    images = [images[i] for i in keep]
-  img_emb = enc.encode_images(np.stack(images))
-  txt_emb = enc.encode_texts([captions[i] for i in keep])
-  score = metrics.clip_score(img_emb, txt_emb)
+  enc = rerank.get_encoder(args.clip, batch_size=args.batch_size)
+  # Any size is fine: images are brought to the CLIP's input size (clip_cosines).
+  sums, skipped = clip_lib.ClipCosines(enc, args.batch_size).of_source(
+      fake, captions, progress="CLIP cosines")
+  score = sums.result()
   result = {"metric": "clip_score", "clip": os.path.abspath(args.clip),
             "clip_image_size": enc.image_size, "fake": {"spec": args.fake,
                                                         "description": fake.description,
-                                                        "n": len(keep),
-                                                        "skipped_unreadable": n - len(keep)},
+                                                        "n": sums.n,
+                                                        "skipped_unreadable": skipped},
             **score}
   return result, (f"CLIP score {score['clip_score_torchmetrics']:.4f} (torchmetrics) "
                   f"{score['clip_score_hessel']:.4f} (Hessel et al.)")
-
-
-def _center_square(img, size):
-  from dalle_jax.data import images as img_lib  # pylint: disable=g-import-not-at-top
-  return img_lib.resize_and_crop(img, size)
 
 
 def cmd_rfid(args):
@@ -426,7 +416,8 @@ def cmd_generate(args):
       ref = (ex.stats.mu, ex.stats.sigma)
       fid_info["real"] = _source_info(args.real, real, ex)
   if "clip_score" in scores:
-    clip = rerank.get_encoder(args.clip, flag="--clip", batch_size=args.batch_size)
+    clip = clip_lib.ClipCosines(rerank.get_encoder(args.clip, flag="--clip",
+                                                   batch_size=args.batch_size), args.batch_size)
   scorer = gen_lib.Scorer(ext, ref, clip)
   seeds, images = gen_lib.sample_and_score(sampler, captions, args.seed, args.sample_batch_size,
                                            scorer, keep_images=bool(args.save_samples),
@@ -439,7 +430,8 @@ def cmd_generate(args):
   if "fid" in got:
     got["fid"].update(mode=args.mode, inception=info, **fid_info)
   if "clip_score" in got:
-    got["clip_score"].update(clip=os.path.abspath(args.clip), clip_image_size=clip.image_size)
+    got["clip_score"].update(clip=os.path.abspath(args.clip),
+                             clip_image_size=clip.encoder.image_size)
   result.update(
       num=args.num, seed=args.seed, sample_batch_size=args.sample_batch_size, seeds=seeds,
       mesh=args.mesh, settings=sampler.settings,

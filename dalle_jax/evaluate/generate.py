@@ -1,15 +1,16 @@
 """Sample a caption set with any family and score the images in memory (`evaluate generate`).
 
   sampler = load_sampler("diffusion", "demo/diffusion", {"steps": 50}, mesh=mesh)
-  scorer = Scorer(extractor=ext, real=(mu, sigma), clip=clip_encoder)
+  scorer = Scorer(extractor=ext, real=(mu, sigma), clip=ClipCosines(clip_encoder))
   for rows in chunks:                       # every process passes the same rows
     scorer.update(sampler(captions[rows], seed + k), captions[rows])
   scorer.result()   # {'fid': {...}, 'clip_score': {...}}
 
 Images never touch a file between the sampler and the metrics: each chunk's uint8 images go
 straight into the sharded Inception extraction (float64 Σx, Σxxᵀ, N merged over devices and
-processes, as `fid` does) and the CLIP encoder (as `clip_score` does), then are dropped, so a
-30k-caption run holds one chunk of images at a time.
+processes, as `fid` does) and the sharded CLIP cosines (float64 N, Σ cos, Σ max(cos, 0) merged
+the same way, as `clip_score` does), then are dropped, so a 30k-caption run holds one chunk of
+images at a time.
 
 Rows and seeds: image i is row i % B of sampling call k = i // B (B = the sampling batch), and
 call k samples with seed `seed + k`; the last call is padded to B rows with its last caption
@@ -26,7 +27,7 @@ import os
 
 import numpy as np
 
-from dalle_jax.evaluate import metrics
+from dalle_jax.evaluate import clip_cosines
 from dalle_jax.evaluate import sources as src_lib
 from dalle_jax.evaluate import stats as stats_lib
 from dalle_jax.models import inception
@@ -213,11 +214,11 @@ class ArraySource:
 
 
 class Scorer:
-  """Streams (images, captions) chunks into FID statistics and CLIP embeddings.
+  """Streams (images, captions) chunks into FID statistics and CLIP score sums.
 
-  extractor: an InceptionExtractor (FID against `real` = (mu, sigma)); clip: a ClipEncoder.
-  Every process passes the same chunks; extraction shards the rows over devices and
-  processes and merges the float64 sums (as the `fid` subcommand's sources).
+  extractor: an InceptionExtractor (FID against `real` = (mu, sigma)); clip: a
+  clip_cosines.ClipCosines. Every process passes the same chunks; both shard the rows over
+  devices and processes and merge float64 sums (as the `fid` and `clip_score` subcommands).
   """
 
   def __init__(self, extractor=None, real=None, clip=None):
@@ -225,11 +226,11 @@ class Scorer:
       raise ValueError("FID needs both an Inception extractor and real statistics")
     self.extractor, self.real, self.clip = extractor, real, clip
     self.stats = stats_lib.Statistics.zeros(inception.POOL_DIM)
-    self._img, self._txt = [], []
+    self.cosines = clip_cosines.CosineSums()
 
   @property
   def n(self):
-    return self.stats.n if self.extractor is not None else sum(len(e) for e in self._img)
+    return self.stats.n if self.extractor is not None else self.cosines.n
 
   def update(self, images_u8, captions):
     images = np.asarray(images_u8)
@@ -240,8 +241,8 @@ class Scorer:
     if self.extractor is not None:
       self.stats = self.stats.merge(src_lib.extract(ArraySource(images), self.extractor).stats)
     if self.clip is not None:
-      self._img.append(self.clip.encode_images(images))
-      self._txt.append(self.clip.encode_texts(list(captions)))
+      sums, _ = self.clip.of_source(ArraySource(images), list(captions))
+      self.cosines = self.cosines.merge(sums)
 
   def result(self):
     out = {}
@@ -249,7 +250,7 @@ class Scorer:
       out["fid"] = {"value": stats_lib.frechet_distance(self.stats.mu, self.stats.sigma,
                                                         *self.real), "n": self.stats.n}
     if self.clip is not None:
-      out["clip_score"] = metrics.clip_score(np.concatenate(self._img), np.concatenate(self._txt))
+      out["clip_score"] = self.cosines.result()
     return out
 
 

@@ -111,6 +111,15 @@ def clip_score(image_emb_ne, text_emb_ne):
   img = img / np.linalg.norm(img, axis=1, keepdims=True)
   txt = txt / np.linalg.norm(txt, axis=1, keepdims=True)
   cos = (img * txt).sum(axis=1)
-  return {"clip_score_torchmetrics": float(100 * max(cos.mean(), 0.0)),
-          "clip_score_hessel": float(np.mean(2.5 * np.maximum(cos, 0.0))),
-          "mean_cosine": float(cos.mean()), "num_pairs": int(len(cos))}
+  return clip_score_from_sums(len(cos), cos.sum(), np.maximum(cos, 0.0).sum())
+
+
+def clip_score_from_sums(n, sum_cos, sum_pos_cos):
+  """Both CLIP score definitions from N pairs' Σ cos and Σ max(cos, 0): what a sharded
+  evaluation merges over devices and processes (evaluate/clip_cosines.py)."""
+  if n < 1:
+    raise ValueError("CLIP score needs at least one (image, caption) pair")
+  mean = float(sum_cos) / n
+  return {"clip_score_torchmetrics": float(100 * max(mean, 0.0)),
+          "clip_score_hessel": float(2.5 * sum_pos_cos / n),
+          "mean_cosine": mean, "num_pairs": int(n)}

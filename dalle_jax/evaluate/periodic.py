@@ -24,6 +24,7 @@ eval/clip_score_hessel.
 """
 import os
 
+from dalle_jax.evaluate import clip_cosines
 from dalle_jax.evaluate import features as feat_lib
 from dalle_jax.evaluate import generate as gen_lib
 from dalle_jax.evaluate import stats as stats_lib
@@ -122,7 +123,8 @@ class PeriodicMetrics:
                                                    batch_size=self.batch_size)
     if "clip_score" in self.metrics:
       from dalle_jax.sampling import rerank  # pylint: disable=g-import-not-at-top
-      self.clip = rerank.get_encoder(self._clip_path, flag="config.eval_metrics.clip")
+      self.clip = clip_cosines.ClipCosines(
+          rerank.get_encoder(self._clip_path, flag="config.eval_metrics.clip"), self.batch_size)
     return self._sampler
 
   def __call__(self, params, step=None):

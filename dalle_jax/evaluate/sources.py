@@ -7,8 +7,9 @@ A source spec is one of:
   DATASET:SPLIT         a TFDS dataset by name in --data_dir (e.g. shapes:test, coco_captions:val)
 
 `extract` runs a source through an InceptionExtractor, every process reading only its rows of
-each global batch, and returns float64 Statistics merged over all processes (and, when asked,
-every row's features gathered in source order).
+each global batch (`local_batches`, which CLIP score's cosines share), and returns float64
+Statistics merged over all processes (and, when asked, every row's features gathered in source
+order).
 """
 import os
 import sys
@@ -164,45 +165,57 @@ class Extracted:
     return self.stats.n
 
 
-def extract(source, extractor, keep_features=False, progress=None, transform=None):
-  """Statistics (and features) of every image of `source`, sharded over devices and processes.
+def local_batches(source, global_batch, local_batch, progress=None):
+  """This process's rows of every global batch of `source`: yields (rows, images, valid).
 
-  Global batch b covers rows [b*G, (b+1)*G); process p reads its contiguous `local_batch` slice.
-  Rows past the end and unreadable images are padding, excluded from the sums. `transform`
-  maps each local batch (a list of uint8 images) before the network, e.g. a crop or a VQGAN
-  reconstruction.
+  Global batch b covers rows [b*G, (b+1)*G); process p reads its contiguous `local_batch`
+  slice. `rows` are the slice's source indices (fewer than local_batch past the end);
+  `images` always holds local_batch uint8 images, padding rows (past the end, unreadable
+  files) repeating one readable image; `valid` (local_batch,) marks the real ones.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  n = len(source)
-  g, loc, p = extractor.batch_size, extractor.local_batch, jax.process_index()
-  num_batches = -(-n // g)
-  stats = stats_lib.Statistics.zeros(inception.POOL_DIM)
-  kept, masks, skipped = [], [], 0
+  n, g, loc, p = len(source), global_batch, local_batch, jax.process_index()
   bar = None
-  if progress and jax.process_index() == 0:
+  if progress and p == 0:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=n, desc=progress, unit=" images", file=sys.stderr)
-  # Padding rows (past the end, unreadable files) repeat one readable image; masked out below.
   filler = next((im for im in map(source.load, range(n)) if im is not None), None)
   if filler is None:
     raise SourceError(f"{source.description}: no readable image")
-  for b in range(num_batches):
-    idx = range(b * g + p * loc, min(b * g + (p + 1) * loc, n))
-    images = [source.load(i) for i in idx]
-    skipped += sum(im is None for im in images)
+  for b in range(-(-n // g)):
+    rows = list(range(b * g + p * loc, min(b * g + (p + 1) * loc, n)))
+    images = [source.load(i) for i in rows]
     valid = np.array([im is not None for im in images] + [False] * (loc - len(images)))
-    batch = [im if im is not None else filler for im in images] + [filler] * (loc - len(images))
+    yield rows, [im if im is not None else filler for im in images] + [filler] * (
+        loc - len(images)), valid
+    if bar is not None:
+      bar.update(min(g, n - b * g))
+  if bar is not None:
+    bar.close()
+
+
+def extract(source, extractor, keep_features=False, progress=None, transform=None):
+  """Statistics (and features) of every image of `source`, sharded over devices and processes.
+
+  Rows as `local_batches`; padding rows and unreadable images are excluded from the sums.
+  `transform` maps each local batch (a list of uint8 images) before the network, e.g. a crop
+  or a VQGAN reconstruction.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  n = len(source)
+  loc = extractor.local_batch
+  num_batches = -(-n // extractor.batch_size)
+  stats = stats_lib.Statistics.zeros(inception.POOL_DIM)
+  kept, masks, skipped = [], [], 0
+  for rows, batch, valid in local_batches(source, extractor.batch_size, loc, progress):
+    skipped += len(rows) - int(valid[:len(rows)].sum())
     feats = extractor.run_local(transform(batch) if transform else batch)
     stats.update(feats[valid, :inception.POOL_DIM])
     if keep_features:
       kept.append(feats)
       masks.append(valid)
-    if bar is not None:
-      bar.update(min(g, n - b * g))
-  if bar is not None:
-    bar.close()
   stats = stats.allreduce_processes()
-  skipped = _sum_processes(skipped)
+  skipped = sum_processes(skipped)
   if not keep_features:
     return Extracted(stats, skipped)
   feats = np.concatenate(kept) if kept else np.zeros((0, inception.POOL_DIM + inception.NUM_CLASSES))
@@ -219,7 +232,7 @@ def extract(source, extractor, keep_features=False, progress=None, transform=Non
   return Extracted(stats, skipped, feat_lib.split_outputs(feats[mask]))
 
 
-def _sum_processes(value):
+def sum_processes(value):
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return value

@@ -65,20 +65,12 @@ class Statistics:
     return Statistics(self.n + other.n, self.sum + other.sum, self.sum_outer + other.sum_outer)
 
   def allreduce_processes(self):
-    """The sums over every JAX process (identity in a single-process run).
-
-    JAX arrays are float32 here (no x64), so each float64 sum travels as a float32 pair
-    hi + lo, which carries ~48 of float64's 53 mantissa bits; the pairs are summed in float64.
-    """
+    """The sums over every JAX process (identity in a single-process run)."""
     import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() == 1:
       return self
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flat = np.concatenate([[float(self.n)], self.sum, self.sum_outer.reshape(-1)])
-    hi = flat.astype(np.float32)
-    lo = (flat - hi.astype(np.float64)).astype(np.float32)
-    gathered = multihost_utils.process_allgather(np.stack([hi, lo]))  # (P, 2, 1 + D + D²)
-    total = gathered.astype(np.float64).sum(axis=(0, 1))
+    total = sum_over_processes(np.concatenate([[float(self.n)], self.sum,
+                                               self.sum_outer.reshape(-1)]))
     d = self.dim
     return Statistics(int(round(total[0])), total[1:1 + d], total[1 + d:].reshape(d, d))
 
@@ -96,6 +88,23 @@ class Statistics:
 
   def save(self, path):
     save_stats(path, self.mu, self.sigma, self.n)
+
+
+def sum_over_processes(values):
+  """float64 values (1-D) summed over every JAX process, returned on every process.
+
+  JAX arrays are float32 here (no x64), so each float64 value travels as a float32 pair
+  hi + lo, which carries ~48 of float64's 53 mantissa bits; the pairs are summed in float64.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  flat = np.asarray(values, np.float64)
+  if jax.process_count() == 1:
+    return flat
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  hi = flat.astype(np.float32)
+  lo = (flat - hi.astype(np.float64)).astype(np.float32)
+  gathered = multihost_utils.process_allgather(np.stack([hi, lo]))  # (P, 2, len(values))
+  return gathered.astype(np.float64).sum(axis=(0, 1))
 
 
 def save_stats(path, mu, sigma, num_samples=None):
