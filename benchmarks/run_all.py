@@ -23,7 +23,8 @@ def main():
     print(r.stdout, flush=True)
     status = "ok" if r.returncode == 0 else f"FAILED ({r.returncode})"
     summary.append(f"{name}: {status} in {time.time() - t:.0f}s")
-    summary += ["  " + l for l in r.stdout.splitlines() if "ratio" in l.lower() or "×" in l]
+    summary += ["  " + l for l in r.stdout.splitlines()
+                if "ratio" in l.lower() or "×" in l or " s per 1k" in l]  # bench_generate
   text = "\n".join(summary)
   print("\n=== summary ===\n" + text)
   with open(os.path.join(HERE, "results.txt"), "w") as f:
