@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dalle_jax.configs import diffusion as diffusion_configs
+from dalle_jax.data import shapes
 from dalle_jax.diffusion import inpaint as inpaint_lib
 from dalle_jax.models import unet as unet_lib
 from dalle_jax.sampling import diffusion as diffusion_sampling
@@ -104,9 +105,10 @@ def test_training_step_draws_masks_and_shows_the_known_region(task_and_params, m
 
 def test_mask_kinds_and_config_errors():
   rng = jax.random.PRNGKey(0)
+  masks = jax.jit(inpaint_lib.random_masks, static_argnums=(1, 2, 3, 4))
   for kind in inpaint_lib.MASK_KINDS:
     cfg = inpaint_lib.MaskConfig(masks=kind, min_size=0.25, max_size=0.5, blank_prob=0.0)
-    keep = np.asarray(inpaint_lib.random_masks(rng, cfg, 64, 16, 16))[..., 0]
+    keep = np.asarray(masks(rng, cfg, 64, 16, 16))[..., 0]
     hole = keep == 0
     for row in hole:
       ys, xs = np.nonzero(row)
@@ -115,7 +117,7 @@ def test_mask_kinds_and_config_errors():
       is_half = (h, w) in ((16, 8), (8, 16))
       assert kind != "half" or is_half
       assert kind != "rectangle" or (4 <= h <= 8 and 4 <= w <= 8)
-  blank = inpaint_lib.random_masks(rng, inpaint_lib.MaskConfig(blank_prob=0.5), 400, 4, 4)
+  blank = masks(rng, inpaint_lib.MaskConfig(blank_prob=0.5), 400, 4, 4)
   assert 0.35 < float(jnp.mean(jnp.all(blank == 0, axis=(1, 2, 3)))) < 0.65
   with pytest.raises(ValueError, match=r"config.inpaint.masks='circle': choose"):
     inpaint_lib.MaskConfig.from_config({"masks": "circle"})
@@ -148,3 +150,102 @@ def test_edit_keeps_the_known_region_and_hides_the_rest(task_and_params, tmp_pat
   with pytest.raises(SystemExit, match=r"--mask .*m.png is 4x4 but --edit .*a.png is 8x8"):
     sample.main(["--method", "diffusion", "--workdir", str(tmp_path), "--unconditional",
                  "--edit", str(tmp_path / "a.png"), "--mask", str(tmp_path / "m.png")])
+
+
+def _corner_holes(examples, k):
+  """The examples whose k x k corner farthest from the shape is pure background: (their
+  indices, the corner as a mask (N, S, S) True = regenerate, the background colours)."""
+  keep, holes, colours = [], [], []
+  for i, ex in enumerate(examples):
+    s = ex["image"].shape[0]
+    top = 0 if ex["cy"] > s / 2 else s - k
+    left = 0 if ex["cx"] > s / 2 else s - k
+    hole = np.zeros((s, s), bool)
+    hole[top:top + k, left:left + k] = True
+    bg = np.asarray(shapes.COLORS[shapes.COLOR_NAMES[ex["background"]]])
+    if (ex["image"][hole] == bg).all():
+      keep.append(i)
+      holes.append(hole)
+      colours.append(bg)
+  return keep, np.stack(holes), np.stack(colours)
+
+
+def inpainting_scores(workdir, n=48, k=4):
+  """{told: (mean |error| of the hole's pixels (0-255), fraction of holes whose mean colour
+  is nearest the true background)} for k x k background corners of n held-out 16 px shapes,
+  inpainted by a trained inpainting model (DDIM 25) with its mask channels (told=True) or
+  with them zeroed, the known region imposed by replacement alone (told=False)."""
+  from dalle_jax.diffusion import samplers  # pylint: disable=g-import-not-at-top
+  pipe = diffusion_sampling.Pipeline.load(workdir)
+  task = pipe.task
+  examples = [shapes.make_example(i, "test", image_size=16) for i in range(n)]
+  idx, holes, colours = _corner_holes(examples, k)
+  x0 = np.stack([examples[i]["image"] for i in idx]).astype(np.float32) / 127.5 - 1
+  known = {"x0": x0, "mask": (~holes)[..., None].astype(np.float32)}
+  x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(1), x0.shape))
+  names = np.asarray(list(shapes.COLORS.values()), np.float32)
+
+  def inpaint(p, x, kn, told):
+    fn = task.model_fn(p, {}, known=kn if told else None)
+    return samplers.sample(fn, task.sched, x, sampler="ddim", steps=25,
+                           rng=jax.random.PRNGKey(2), known_x0=kn["x0"], known_mask=kn["mask"])
+
+  scores = {}
+  for told in (True, False):
+    out = (np.asarray(jax.jit(inpaint, static_argnums=3)(pipe.params, x_T, known, told))
+           + 1) * 127.5
+    fill = np.stack([o[h].mean(0) for o, h in zip(out, holes)])  # the hole's mean colour
+    nearest = np.argmin(np.abs(fill[:, None] - names[None]).sum(-1), axis=1)
+    right = (names[nearest] == colours).all(1)
+    err = np.mean([np.abs(o[h] - c).mean() for o, h, c in zip(out, holes, colours)])
+    scores[told] = (float(err), float(np.mean(right)), len(idx))
+  return scores
+
+
+# ~8 min on the loaded 2-core host: a 16 px inpainting model trained for 300 steps (the fast
+# tests cover the layout, the step and the edit)
+@pytest.mark.slow
+def test_inpainting_learns_to_continue_the_background(tmp_path):
+  """After a short training on 16 px shapes with random rectangle masks, a 4 x 4 corner of
+  held-out images (pure background) is inpainted in the background's colour; the same
+  weights told nothing (zero mask channels, the known region imposed by replacement only)
+  do worse."""
+  from dalle_jax.train import loop  # pylint: disable=g-import-not-at-top
+  c = diffusion_configs.get_config("shapes")
+  c.data.data_dir = str(tmp_path / "data")
+  c.data.dataset = "shapes/16px_2000"
+  c.data.image_size = 16
+  c.model.conditioning = "none"
+  c.model.unet.update(dict(block_channels=(32, 64), attention=("none", "none"),
+                           mid_attention="self", attn_heads=0, attn_head_dim=32, norm_groups=8,
+                           inpaint=True))
+  c.inpaint.update(dict(masks="rectangle", min_size=0.25, max_size=0.5, blank_prob=0.1))
+  c.diffusion.cond_drop_prob = 0.0
+  c.batch_size, c.total_steps, c.log_every = 32, 300, 50
+  c.eval_every, c.preview_every, c.checkpoint_every = 0, 0, 300
+  c.async_checkpoints = False
+  c.optimizer.warmup_steps = 30
+  loop.train(c, str(tmp_path / "run"))
+  scores = inpainting_scores(str(tmp_path / "run"))
+  print(f"inpainting 4x4 background corners of {scores[True][2]} held-out 16 px shapes: mean "
+        f"|error| {scores[True][0]:.1f} / 255, colour right {scores[True][1]:.0%} with the mask "
+        f"channels; {scores[False][0]:.1f} / 255, {scores[False][1]:.0%} by replacement alone")
+  # measured (seeded): 79% right, 44.9 / 255 with the mask channels; 42%, 57.5 by replacement
+  # (600 steps: 83%, 28.2 vs 65%, 39.1); chance is ~1/8 of the colours
+  assert scores[True][2] >= 24
+  assert scores[True][1] >= 0.7 and scores[True][1] >= scores[False][1] + 0.2
+  assert scores[True][0] < 0.9 * scores[False][0]
+  # the command line: sample.py --method diffusion --edit --mask on the trained workdir
+  import sample  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  image = shapes.make_example(0, "test", image_size=16)["image"]
+  mask = np.zeros((16, 16), np.uint8)
+  mask[:8] = 255  # regenerate the top half
+  Image.fromarray(image).save(tmp_path / "a.png")
+  Image.fromarray(mask).save(tmp_path / "m.png")
+  sample.main(["--method", "diffusion", "--workdir", str(tmp_path / "run"), "--unconditional",
+               "--edit", str(tmp_path / "a.png"), "--mask", str(tmp_path / "m.png"),
+               "--num_images", "2", "--steps", "10", "--out", str(tmp_path / "edit.png")])
+  for name in ("p00_000.png", "p00_001.png"):
+    out = np.asarray(Image.open(tmp_path / "edit" / name))
+    np.testing.assert_array_equal(out[8:], image[8:])

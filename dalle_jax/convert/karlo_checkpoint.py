@@ -343,11 +343,12 @@ def main(argv=None):
   p.add_argument("--out", required=True, help="checkpoint directory to write")
   args = p.parse_args(argv)
   try:
-    _, report = write_checkpoint(args.src, args.out)
+    config, report = write_checkpoint(args.src, args.out)
   except (ValueError, OSError) as e:
     raise SystemExit(f"error: {e}")
   for line in report:
     print(line)
+  mode = "--prompt ..." if "prior" in config.model else "--variations IMAGE"
   print(f"wrote {os.path.abspath(args.out)} (sample with: python sample.py --method unclip "
-        f"--checkpoint {args.out} --prompt ...)")
+        f"--checkpoint {args.out} {mode})")
   return args.out
