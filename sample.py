@@ -48,6 +48,11 @@ unCLIP (DALL·E 2; Karlo imported with `python -m dalle_jax.tools.convert karlo`
       --frames N --out d.png
   python sample.py --method unclip --checkpoint C --clip CLIP --edit IMAGE --mask MASK --prompt "..." \
       --out e.png      (mask: white = regenerate, black = keep)
+  trained stages instead of --checkpoint (configs/unclip.py: a prior and a clip_image decoder;
+  the decoder's CLIP encodes the text and embeds input images, no super-resolution):
+  python sample.py --method unclip --prior demo/prior --decoder demo/decoder --prompt "..." \
+      [--variations IMAGE | --interpolate A B | --text_diff "from" "to" --image IMAGE \
+       --text_diff_strength 0.5] --out u.png
 """
 import argparse
 import sys

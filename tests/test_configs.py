@@ -10,7 +10,7 @@ FAMILIES = {
     "dalle": ("shapes", "small", "paper"),
     "dalle_mini": ("shapes", "mini", "mega"),
     "clip": ("shapes", "vit_b32", "vit_b16", "vit_l14"),
-    "unclip": ("shapes", "unclip", "karlo"),
+    "unclip": ("shapes", "unclip", "karlo", "shapes_decoder", "unclip_decoder", "karlo_decoder"),
 }
 SHARED = ("seed", "total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
           "keep_checkpoints", "mesh", "data.dataset", "data.data_dir", "data.image_size",
