@@ -249,3 +249,8 @@ def test_trained_stages_through_the_cli(tiny_clip, tmp_path):
   assert np.abs(d3[2].astype(int) - d3[1].astype(int)).max() > 1
   with open(tmp_path / "d2" / "samples.json") as f:
     assert json.load(f)["text_diff_strength"] == 0.25
+  # the decoder alone is no text -> image model: the diffusion sampler says where to go
+  from dalle_jax.sampling import diffusion as diffusion_sampling
+  with pytest.raises(SystemExit, match=r"sample it with `sample.py --method unclip --prior"):
+    diffusion_sampling.diffusion_main(["--workdir", str(tmp_path / "decoder"), "--prompt", "x",
+                                       "--steps", "2", "--out", str(tmp_path / "x.png")])

@@ -282,6 +282,10 @@ class DiffusionTask(base.Task):
     """Batch conditioning -> the model's: a frozen encoder's states replace the ids."""
     if self.frozen is None or self.conditioning not in ("text", "clip_image"):
       return cond
+    if self.conditioning == "clip_image" and "image_embed" not in cond:
+      raise ValueError("an unCLIP decoder (conditioning 'clip_image') decodes CLIP image "
+                       "embeddings: sample it with `sample.py --method unclip --prior PRIOR "
+                       "--decoder WORKDIR`")
     # unCLIP's decoder reads the raw CLIP text embedding (as the prior and Karlo do)
     states, pooled = self.frozen(cond["text_ids"].astype(jnp.int32), cond["text_mask"],
                                  normalize=self.conditioning != "clip_image")
