@@ -161,7 +161,7 @@ class DiffusionTask(base.Task):
     # T5 states: padding positions masked out of the U-Net's attention unless the
     # model attends to them all (IF)
     self.context_mask = bool(if_cfg.get("context_mask", True))
-    self.null_text = None  # T5: (states (L, D), mask (L,)) of the negative prompt (the caller's)
+    self.null_text = None  # T5: (states (L, D), mask (L,)) of the blank caption: read_null_text
     self.clip_image_size = None  # clip_image: the CLIP's input size (batch["clip_image"])
     if self.conditioning == "clip_image":  # unCLIP's decoder
       if not clip_path:
