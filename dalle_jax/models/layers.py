@@ -270,6 +270,20 @@ def causal_mask(t, s=None):
   return jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + (s - t))
 
 
+def _attention_heads_major(q_bthk, k_bshk, v_bshk, mask, dtype):
+  # Without gradients, heads-major contractions (plain batched matmuls over (B, H)):
+  # left to XLA:CPU, the (B, T, H, K) forms made a forward-only U-Net program
+  # (sampling) 5x slower at 8 heads of 8 channels. Training keeps the forms below,
+  # whose steps measured the same or faster.
+  q, k, v = (jnp.swapaxes(a.astype(dtype), 1, 2) for a in (q_bthk, k_bshk, v_bshk))
+  logits_bhts = _einsum_f32("bhtk,bhsk->bhts", q, k)
+  if mask is not None:
+    logits_bhts = jnp.where(mask, logits_bhts, NEG_INF)
+  e_bhts = jnp.exp(logits_bhts - jnp.max(logits_bhts, -1, keepdims=True))
+  probs_bhts = (e_bhts * (1.0 / jnp.sum(e_bhts, -1, keepdims=True))).astype(dtype)
+  return jnp.swapaxes(_einsum_f32("bhts,bhsk->bhtk", probs_bhts, v), 1, 2).astype(dtype)
+
+
 def _attention_core_fwd(q_bthk, k_bshk, v_bshk, mask, dtype):
   q, k, v = q_bthk.astype(dtype), k_bshk.astype(dtype), v_bshk.astype(dtype)
   logits_bhts = _einsum_f32("bthk,bshk->bhts", q, k)
@@ -284,7 +298,7 @@ def _attention_core_fwd(q_bthk, k_bshk, v_bshk, mask, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention_core(q_bthk, k_bshk, v_bshk, mask, dtype):
-  return _attention_core_fwd(q_bthk, k_bshk, v_bshk, mask, dtype)[0]
+  return _attention_heads_major(q_bthk, k_bshk, v_bshk, mask, dtype)
 
 
 def _attention_core_bwd(dtype, res, g_bthk):
