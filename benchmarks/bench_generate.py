@@ -108,14 +108,7 @@ def random_inception_params(seed=0):
   """Random weights at pytorch-fid's FID Inception shapes (He-scaled convs, unit BatchNorm)."""
   import flax  # pylint: disable=g-import-not-at-top
   from dalle_jax.convert import inception as conv  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-  flat = {}
-  for name, shape in conv.expected_shapes().items():
-    leaf = name.rsplit("/", 1)[1]
-    if leaf == "kernel":
-      flat[name] = rng.standard_normal(shape, np.float32) * np.sqrt(2 / np.prod(shape[:-1]))
-    else:
-      flat[name] = np.full(shape, 1.0 if leaf in ("scale", "var") else 0.0, np.float32)
+  flat = conv.random_weights(seed)
   return flax.traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 

@@ -317,16 +317,8 @@ def _random_inception_pth(path):
   import torch  # pylint: disable=g-import-not-at-top
   from dalle_jax.convert import inception as conv  # pylint: disable=g-import-not-at-top
   from tests.test_inception import flax_to_torch  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  flat = {}
-  for name, shape in conv.expected_shapes().items():
-    leaf = name.rsplit("/", 1)[1]
-    if leaf == "kernel":
-      flat[name] = rng.standard_normal(shape, np.float32) * np.sqrt(2 / np.prod(shape[:-1]))
-    else:
-      flat[name] = np.full(shape, 1.0 if leaf in ("scale", "var") else 0.0, np.float32)
   params = {}
-  for name, v in flat.items():
+  for name, v in conv.random_weights(0).items():
     node = params
     for part in name.split("/")[:-1]:
       node = node.setdefault(part, {})

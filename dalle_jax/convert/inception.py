@@ -35,6 +35,21 @@ def expected_shapes():
   return {k: tuple(v.shape) for k, v in flat.items()}
 
 
+def random_weights(seed=0):
+  """{name: array} at expected_shapes(): He-scaled random kernels, unit BatchNorm, zero
+  biases. No FID can be compared with published ones on these; benchmarks and tests use
+  them where pytorch-fid's file is absent."""
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for name, shape in expected_shapes().items():
+    leaf = name.rsplit("/", 1)[1]
+    if leaf == "kernel":
+      flat[name] = rng.standard_normal(shape, np.float32) * np.sqrt(2 / np.prod(shape[:-1]))
+    else:
+      flat[name] = np.full(shape, 1.0 if leaf in ("scale", "var") else 0.0, np.float32)
+  return flat
+
+
 def torch_to_flat(state_dict):
   """Torch names/layouts -> ({our '/'-joined name: array}, [skipped torch names])."""
   flat, skipped = {}, []

@@ -94,17 +94,23 @@ def convert_text_encoder(src):
   """(TextTower kwargs, params) of a CLIPTextModelWithProjection folder; every tensor checked."""
   src = os.path.abspath(src)
   clip_cfg, kwargs = text_encoder_config(src)
+  return kwargs, _convert_tower(src, clip_cfg, "text", "the CLIP text encoder")
+
+
+def _convert_tower(src, clip_cfg, tower, what):
+  """One tower ('text' | 'vision') of a CLIP folder with hf_clip's rules, every tensor checked;
+  its params tree without the tower prefix."""
   weights = hf_clip.read_hf_weights(src)
-  expected = {k[len("text/"):]: v for k, v in hf_clip.expected_shapes(clip_cfg).items()
-              if k.startswith("text/")}
-  rules = [(h, o[len("text/"):], fn) for h, o, fn in hf_clip.conversion_rules(clip_cfg)
-           if o.startswith("text/")]
+  prefix = tower + "/"
+  expected = {k[len(prefix):]: v for k, v in hf_clip.expected_shapes(clip_cfg).items()
+              if k.startswith(prefix)}
+  rules = [(h, o[len(prefix):], fn) for h, o, fn in hf_clip.conversion_rules(clip_cfg)
+           if o.startswith(prefix)]
   flat, missing, bad, used = common.apply_rules(weights, rules, expected)
   unexpected = sorted(k for k in weights if k not in used
                       and not k.endswith(hf_clip.IGNORED_SUFFIXES))
-  common.raise_problems(src, "the CLIP text encoder",
-                        common.tensor_problems(missing, unexpected, bad))
-  return kwargs, traverse_util.unflatten_dict(flat, sep="/")
+  common.raise_problems(src, what, common.tensor_problems(missing, unexpected, bad))
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 # --- the CLIP image encoder (CLIPVisionModelWithProjection) + its image processor -----
@@ -141,17 +147,7 @@ def convert_image_encoder(src, processor):
   checked (its `vision_model.*` and `visual_projection` names are CLIPModel's)."""
   src = os.path.abspath(src)
   clip_cfg, kwargs = image_encoder_config(src, processor)
-  weights = hf_clip.read_hf_weights(src)
-  expected = {k[len("vision/"):]: v for k, v in hf_clip.expected_shapes(clip_cfg).items()
-              if k.startswith("vision/")}
-  rules = [(h, o[len("vision/"):], fn) for h, o, fn in hf_clip.conversion_rules(clip_cfg)
-           if o.startswith("vision/")]
-  flat, missing, bad, used = common.apply_rules(weights, rules, expected)
-  unexpected = sorted(k for k in weights if k not in used
-                      and not k.endswith(hf_clip.IGNORED_SUFFIXES))
-  common.raise_problems(src, "the CLIP image encoder",
-                        common.tensor_problems(missing, unexpected, bad))
-  return kwargs, traverse_util.unflatten_dict(flat, sep="/")
+  return kwargs, _convert_tower(src, clip_cfg, "vision", "the CLIP image encoder")
 
 
 def _size(d, keys, where, key):
