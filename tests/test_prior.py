@@ -267,3 +267,19 @@ def test_prior_trains_sharded_in_the_trainer(embedded, tmp_path):
     rows = [json.loads(l) for l in f]
   assert [r["step"] for r in rows if "loss" in r] == [2, 4]
   assert all(np.isfinite(r["loss"]) and -1 <= r["x0_cosine"] <= 1 for r in rows if "loss" in r)
+
+
+@pytest.mark.slow
+def test_prior_trains_on_a_data_fsdp_tensor_mesh_and_resumes_exactly(embedded, tmp_path):
+  """The prior over 8 devices as 2 (data) x 2 (fsdp) x 2 (tensor): its weights are split, and
+  a run stopped after 3 steps and resumed logs the uninterrupted run's losses."""
+  from tests.test_diffusion_task import trains_and_resumes
+  _, _, out, _ = embedded
+  config = _config(out, workdir_steps=6)
+  config.checkpoint_every = 3
+  config.log_every = 1
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  state, rows, _ = trains_and_resumes(config, tmp_path, split=3)
+  assert sorted(rows) == list(range(1, 7))
+  split_over = {len(x.sharding.device_set) for x in jax.tree.leaves(state.params)}
+  assert 8 in split_over, split_over

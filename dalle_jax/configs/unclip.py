@@ -65,7 +65,10 @@ diffusion.image_drop_prob = 0.1, as DALL·E 2 section 2.1):
           last frame green 4/4 at --text_diff_strength 0.5, 3/4 at 1.0 (one shapeless).
           The prior on the 250 held-out pairs: cosine to the true image embedding 0.986
           (guidance 1) / 0.961 (guidance 4) vs the caption's text embedding 0.927 and the
-          mean image embedding 0.140.
+          mean image embedding 0.140. Edits (UnclipPipeline.edit, as --edit IMAGE --mask
+          MASK --prompt): 8 held-out 32 px test images, the shape's bounding box (+2 px)
+          regenerated from the caption with the shape's colour changed, 4 samples each:
+          the checker reads the new colour in 32/32, the old in 0/32, background kept 32/32.
   unclip_decoder  DALL·E 2's 64 px decoder: GLIDE's U-Net (512 x (1, 2, 3, 4), 3 blocks,
           attention at 32/16/8 px, 2.3B parameters) with 2048-wide context tokens; the
           caption enters as the frozen CLIP's token states (as Karlo), where the paper keeps
