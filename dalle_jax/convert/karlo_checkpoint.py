@@ -64,18 +64,24 @@ TOKENIZER_DIR = "tokenizer"
 
 # --- the CLIP text encoder (CLIPTextModelWithProjection) ----------------------------
 
-def text_encoder_config(src):
-  """TextTower kwargs for `src`'s CLIPTextModelWithProjection config.json (via hf_clip's
-  config reader, given the text tower alone)."""
+def _tower_json(src, model_type, cls, projection):
+  """`src`/config.json of one CLIP tower with its projection, checked (one-line errors)."""
   path = os.path.join(src, "config.json")
   if not os.path.isfile(path):
     raise ConversionError(f"{src}: no config.json (not a Hugging Face model folder)")
-  tc = common.load_json(path)
-  if tc.get("model_type") != "clip_text_model":
-    raise ConversionError(f"{path}: model_type={tc.get('model_type')!r}, expected "
-                          "'clip_text_model' (CLIPTextModelWithProjection)")
-  if tc.get("projection_dim") is None:
-    raise ConversionError(f"{path}: projection_dim is missing (need the text projection)")
+  cfg = common.load_json(path)
+  if cfg.get("model_type") != model_type:
+    raise ConversionError(f"{path}: model_type={cfg.get('model_type')!r}, expected "
+                          f"'{model_type}' ({cls})")
+  if cfg.get("projection_dim") is None:
+    raise ConversionError(f"{path}: projection_dim is missing (need the {projection})")
+  return cfg
+
+
+def text_encoder_config(src):
+  """TextTower kwargs for `src`'s CLIPTextModelWithProjection config.json (via hf_clip's
+  config reader, given the text tower alone)."""
+  tc = _tower_json(src, "clip_text_model", "CLIPTextModelWithProjection", "text projection")
   # hf_clip reads CLIPModel configs; the vision half is never built from it here.
   act = tc.get("hidden_act", "quick_gelu")
   eps = tc.get("layer_norm_eps", 1e-5)
@@ -118,15 +124,8 @@ def _convert_tower(src, clip_cfg, tower, what):
 def image_encoder_config(src, processor):
   """(our CLIP config, VisionTower kwargs) for `src`'s CLIPVisionModelWithProjection
   config.json; pixel statistics from the processor settings."""
-  path = os.path.join(src, "config.json")
-  if not os.path.isfile(path):
-    raise ConversionError(f"{src}: no config.json (not a Hugging Face model folder)")
-  vc = common.load_json(path)
-  if vc.get("model_type") != "clip_vision_model":
-    raise ConversionError(f"{path}: model_type={vc.get('model_type')!r}, expected "
-                          "'clip_vision_model' (CLIPVisionModelWithProjection)")
-  if vc.get("projection_dim") is None:
-    raise ConversionError(f"{path}: projection_dim is missing (need the visual projection)")
+  vc = _tower_json(src, "clip_vision_model", "CLIPVisionModelWithProjection",
+                   "visual projection")
   # hf_clip reads CLIPModel configs; the text half is never built from it here.
   text = dict(vocab_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
               intermediate_size=8, max_position_embeddings=8,
