@@ -90,7 +90,8 @@ Keys beyond configs/diffusion.py:
   cascade.max_noise_level  training levels ~ U{0 .. max_noise_level - 1} (0 = no augmentation)
   cascade.noise_level      the level sampling uses (sample.py --noise_level overrides it)
   cascade.level_embed      the U-Net's extra embedding that receives the level (declared in
-                           model.unet.extra_embeds as NAME:timestep)
+                           model.unet.extra_embeds as NAME:timestep); "" = none (then
+                           max_noise_level must be 0: unCLIP's blur-only upsamplers)
   cascade.blur             blur the low-res image in training (unCLIP), sigma ~
                            U[cascade.blur_sigma), cascade.blur_size taps
 """
@@ -120,13 +121,13 @@ T5_XXL_WIDTH = 4096
 T5_XXL_CHECKPOINT = "ckpt/t5_v1_1_xxl"  # python -m dalle_jax.tools.convert hf_t5 --out this
 
 
-def cascade_config(max_noise_level=1000, noise_level=250, blur=False):
+def cascade_config(max_noise_level=1000, noise_level=250, blur=False, level_embed=LEVEL_EMBED):
   c = ml_collections.ConfigDict()
   c.noise_schedule = "squaredcos_cap_v2"
   c.noise_timesteps = 1000
   c.max_noise_level = max_noise_level
   c.noise_level = noise_level
-  c.level_embed = LEVEL_EMBED
+  c.level_embed = level_embed
   c.blur = blur
   c.blur_sigma = (0.4, 0.6)
   c.blur_size = 3

@@ -93,11 +93,29 @@ import ml_collections
 
 from dalle_jax.configs import common
 from dalle_jax.configs import diffusion as diffusion_configs
+from dalle_jax.configs import imagen as imagen_configs
 from dalle_jax.models.unclip import CLIP_EMBED
 
 PRIOR_PRESETS = ("shapes", "unclip", "karlo")
 DECODER_PRESETS = ("shapes_decoder", "unclip_decoder", "karlo_decoder")
-PRESETS = PRIOR_PRESETS + DECODER_PRESETS
+SR_PRESETS = ("shapes_sr32", "unclip_sr256", "unclip_sr1024", "karlo_sr256")
+PRESETS = PRIOR_PRESETS + DECODER_PRESETS + SR_PRESETS
+
+# unCLIP's upsamplers (DALL·E 2 appendix C, Table 3): unconditional ADM U-Nets, convolutions
+# only (no attention, so they apply at any size), the low-res image concatenated to x_t.
+SHAPES_SR_UNET = dict(diffusion_configs.SHAPES_UNET, attention=("none",) * 3,
+                      mid_attention="none", low_res_channels=3)
+ADM_SR_UNET = dict(num_res_blocks=3, attention=("none",) * 4, mid_attention="none",
+                   resample="resnet", time_cond="scale_shift", norm_groups=32, norm_eps=1e-5,
+                   flip_sin_to_cos=True, freq_shift=0.0, downsample_padding=1, dropout=0.0,
+                   low_res_channels=3)
+# 64 -> 256: 320 x (1, 2, 3, 4), depth 3 (~700M)
+UNCLIP_SR256_UNET = dict(ADM_SR_UNET, block_channels=(320, 640, 960, 1280))
+# Karlo's super_res_first / _last (config.json): the same, time embedding added (no scale-shift)
+KARLO_SR256_UNET = dict(UNCLIP_SR256_UNET, time_cond="add")
+# 256 -> 1024: 192 x (1, 1, 2, 2, 4, 4), depth 2 (~300M)
+UNCLIP_SR1024_UNET = dict(ADM_SR_UNET, block_channels=(192, 192, 384, 384, 768, 768),
+                          num_res_blocks=2, attention=("none",) * 6)
 
 
 def prior_model_config(embed_dim, text_dim, text_len, num_layers, num_heads, head_dim,
@@ -157,10 +175,66 @@ def decoder_config(name):
   return c
 
 
+def sr_config(name):
+  """The super-resolution presets: the diffusion family's SR stage (config.model.low_res_size,
+  config.cascade; dalle_jax/tasks/diffusion.py) as unCLIP trains it: no caption (the decoder's
+  image carries the content), blur augmentation of the low-res input and no noise
+  augmentation, so the U-Net has no level embedding (Karlo's upsamplers take x_t ++ the
+  bicubic image and nothing else)."""
+  shapes = name == "shapes_sr32"
+  c = diffusion_configs.get_config("shapes" if shapes else "glide_base64")
+  c.model.conditioning = "none"
+  c.model.text.update(dict(width=0, layers=0, heads=1, mlp_dim=0))
+  c.text_encoder.t5 = ""
+  c.diffusion.cond_drop_prob = 0.0
+  c.cascade = imagen_configs.cascade_config(max_noise_level=0, noise_level=0, blur=True,
+                                            level_embed="")
+  if shapes:
+    c.data.image_size = 32
+    c.model.low_res_size = 16
+    c.model.unet = diffusion_configs.unet_config(**SHAPES_SR_UNET)
+    # x0-prediction: the image's own MSE at every level (configs/imagen.py:shapes_sr32)
+    c.diffusion.prediction_type = "sample"
+    c.batch_size = 32
+    c.total_steps = 300
+    c.log_every = 25
+    c.eval_every = 150
+    c.checkpoint_every = 150
+    c.sampling = diffusion_configs.sampling_config(prompts=(), guidance_scale=1.0, steps=25)
+    return c
+  # the paper's (and Karlo's) upsamplers: linear schedule, epsilon, fixed variance
+  c.diffusion = diffusion_configs.diffusion_config(cond_drop_prob=0.0)
+  c.data.dataset = "laion_images"
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.ema_decay = 0.9999
+  if name in ("unclip_sr256", "karlo_sr256"):
+    c.data.image_size, c.model.low_res_size = 256, 64
+    c.model.unet = diffusion_configs.unet_config(
+        **(KARLO_SR256_UNET if name == "karlo_sr256" else UNCLIP_SR256_UNET))
+    c.batch_size = 1024
+    c.optimizer.learning_rate = 1.2e-4
+    c.sampling = diffusion_configs.sampling_config(prompts=(), guidance_scale=1.0, steps=27)
+  else:  # unclip_sr1024
+    c.data.image_size, c.model.low_res_size = 1024, 256
+    c.model.unet = diffusion_configs.unet_config(**UNCLIP_SR1024_UNET)
+    c.batch_size = 512
+    c.optimizer.learning_rate = 1.0e-4
+    c.sampling = diffusion_configs.sampling_config(prompts=(), guidance_scale=1.0, steps=15)
+  c.total_steps = 1_000_000
+  if name == "karlo_sr256":  # super_res_scheduler: UnCLIPScheduler, 7 steps
+    c.diffusion = diffusion_configs.diffusion_config(
+        beta_schedule="squaredcos_cap_v2", variance_type="fixed_small_log", cond_drop_prob=0.0)
+    c.sampling.update(dict(sampler="unclip", steps=7))
+  return c
+
+
 def get_config(arg=None):
   name = common.parse_preset(arg, PRESETS, "shapes")
   if name in DECODER_PRESETS:
     return decoder_config(name)
+  if name in SR_PRESETS:
+    return sr_config(name)
   c = common.base_config()
   c.family = "prior"
   # Karlo's prior_scheduler: UnCLIPScheduler (cosine, x0-prediction, sampled clipped to +-5

@@ -102,7 +102,8 @@ def build_parser():
   s = sub.add_parser("generate", help="sample captions with a family, score the images in memory")
   s.add_argument("--family", required=True, choices=gen_lib.FAMILIES)
   src = s.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="training workdir (its latest checkpoint)")
+  src.add_argument("--workdir", help="training workdir (its latest checkpoint); cascade: the "
+                   "stages, base first, comma-separated; unclip: PRIOR,DECODER[,SUPER_RES]")
   src.add_argument("--checkpoint", help="imported checkpoint directory")
   s.add_argument("--captions", required=True, help="one caption per line (cycled when --num "
                                                      "exceeds their count)")
@@ -367,7 +368,7 @@ def _check_generate(args):
   if args.vqgan and args.family != "ar":
     raise UsageError(f"--vqgan applies to --family ar, not {args.family}")
   model = args.workdir or args.checkpoint
-  for path in model.split(",") if args.family == "cascade" else [model]:
+  for path in model.split(",") if args.family in ("cascade", "unclip") else [model]:
     if not os.path.exists(path):
       flag = "--workdir" if args.workdir else "--checkpoint"
       raise FileNotFoundError(f"{flag} {path}: no such directory")

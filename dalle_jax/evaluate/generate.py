@@ -20,7 +20,8 @@ sampler setting go into the result, so a run can be repeated exactly.
 Families: ar (dalle_jax.sampling.generate.Pipeline: AR transformer + VQGAN), diffusion
 (dalle_jax.sampling.diffusion.Pipeline), cascade (dalle_jax.sampling.cascade.Cascade; the model
 path is the comma-separated stages, base first, and the sampler flags take one value for every
-stage or a comma list, one per stage), unclip (dalle_jax.sampling.unclip.UnclipPipeline).
+stage or a comma list, one per stage), unclip (dalle_jax.sampling.unclip.UnclipPipeline: an
+imported Karlo, or trained stages as the comma list PRIOR,DECODER[,SUPER_RES]).
 """
 import math
 import os
@@ -116,14 +117,15 @@ def _pick(flags, key, config_sampling, default):
   """The flag if given, else the checkpoint's config.sampling value, else `default`."""
   if flags.get(key) is not None:
     return flags[key]
-  return type(default)(config_sampling.get(key, default))
+  value = config_sampling.get(key)
+  return type(default)(default if value is None else value)
 
 
 def load_sampler(family, path, flags=None, mesh=None, vqgan=None):
   """A FamilySampler for a workdir / imported checkpoint (`flags`: SAMPLER_FLAGS overrides)."""
   flags = {k: v for k, v in (flags or {}).items() if v is not None}
   check_sampler_flags(family, flags)
-  paths = path.split(",") if family == "cascade" else [path]
+  paths = path.split(",") if family in ("cascade", "unclip") else [path]
   for p in paths:
     if not os.path.exists(os.path.expanduser(p)):
       raise FileNotFoundError(f"{p}: no such checkpoint or workdir")
@@ -135,7 +137,12 @@ def load_sampler(family, path, flags=None, mesh=None, vqgan=None):
     return diffusion_sampler(diff_lib.Pipeline.load(path, mesh=mesh), flags)
   if family == "unclip":
     from dalle_jax.sampling import unclip as unclip_lib  # pylint: disable=g-import-not-at-top
-    return unclip_sampler(unclip_lib.UnclipPipeline.load(path, mesh=mesh), flags)
+    if len(paths) == 1:
+      return unclip_sampler(unclip_lib.UnclipPipeline.load(path, mesh=mesh), flags)
+    if len(paths) > 3:
+      raise GenerateError(f"{path}: unCLIP's trained stages are PRIOR,DECODER[,SUPER_RES], "
+                          f"got {len(paths)} paths")
+    return unclip_sampler(unclip_lib.UnclipPipeline.from_stages(*paths, mesh=mesh), flags)
   from dalle_jax.sampling import cascade as cascade_lib  # pylint: disable=g-import-not-at-top
   return cascade_sampler(cascade_lib.Cascade.load(paths, mesh=mesh), flags)
 

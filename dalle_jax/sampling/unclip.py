@@ -84,6 +84,30 @@ def _tuples(tree):
   return tree
 
 
+_STAGE_PRESETS = {"prior": "shapes", "decoder": "shapes_decoder", "super_res": "shapes_sr32"}
+
+
+def _check_stage(flag, path, stage, config):
+  """A trained stage's config: the family (and kind) from_stages expects for `stage`."""
+  family, m = config.get("family"), config.get("model") or {}
+  if stage == "prior":
+    ok, want = family == "prior", "family 'prior'"
+  elif stage == "decoder":
+    ok, want = (family == "diffusion" and m.get("conditioning") == "clip_image",
+                "family 'diffusion', conditioning clip_image")
+  else:  # unCLIP's upsamplers see the decoder's image only
+    ok = (family == "diffusion" and int(m.get("low_res_size", 0) or 0) > 0
+          and m.get("conditioning") == "none")
+    want = "family 'diffusion', model.low_res_size > 0, conditioning none"
+  if not ok:
+    what = f"family {family!r}" + (f", conditioning {m.get('conditioning')!r}"
+                                   if family == "diffusion" else "")
+    if stage == "super_res" and family == "diffusion":
+      what += f", model.low_res_size {m.get('low_res_size', 0)}"
+    raise SamplingError(f"{flag} {path}: {what}; expected configs/unclip.py:"
+                        f"{_STAGE_PRESETS[stage]}'s ({want})")
+
+
 def _plain(cfg):
   return _tuples(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
 
@@ -153,13 +177,19 @@ class UnclipPipeline:
     dec = _plain(m.decoder)
     self.decoder = unclip_lib.UnclipDecoder(text_proj=unclip_lib.TextProjection(**dec["text_proj"]),
                                             unet=unet_lib.UNet(**dec["unet"]))
-    # trained stages (from_stages) may end at the decoder: its size is then the output's
+    # trained stages (from_stages) may end at the decoder (its size is then the output's) or
+    # go on to a super-resolution stage trained here (a diffusion task: model.super_res_stage)
     has_sr = m.get("super_res_first") is not None
     self.sr_first = unet_lib.UNet(**_plain(m.super_res_first)) if has_sr else None
     self.sr_last = unet_lib.UNet(**_plain(m.super_res_last)) if has_sr else None
+    self.sr_task = None
+    if m.get("super_res_stage") is not None:
+      self.sr_task = diffusion_task.DiffusionTask(
+          ml_collections.ConfigDict(m.super_res_stage.to_dict()))
     self.text_encoder = clip_lib.TextTower(**_plain(m.text_encoder))
     self.decoder_size = int(m.decoder_size)
-    self.sr_size = int(m.super_res_size) if has_sr else self.decoder_size
+    self.sr_size = (int(m.super_res_size) if has_sr else
+                    self.sr_task.image_size if self.sr_task is not None else self.decoder_size)
     self.channels = int(dec["unet"]["in_channels"])
     self.scheds = {s: schedule_lib.SchedulerConfig.from_dict(dict(config.schedulers[s]))
                    for s in STAGES if s in config.schedulers}
@@ -179,8 +209,8 @@ class UnclipPipeline:
 
   # --- loading ------------------------------------------------------------------------
   def abstract_variables(self):
-    """The boxed abstract {'params': {prior, decoder, super_res_first, super_res_last,
-    text_encoder}} (logical names: shardings for loading onto a mesh)."""
+    """The boxed abstract {'params': {prior, decoder, super_res_first, super_res_last |
+    super_res, text_encoder}} (logical names: shardings for loading onto a mesh)."""
     key = jax.random.PRNGKey(0)
     e, s = self.embed_dim, self.text_len
     c = int(self.text_encoder.width)
@@ -201,6 +231,8 @@ class UnclipPipeline:
           continue
         x, t, kw = unet_lib.example_inputs(unet)
         out[name] = unet.init(key, x, t, **kw)["params"]
+      if self.sr_task is not None:
+        out["super_res"] = self.sr_task.init(key, self.sr_task.dummy_batch(1))["params"]
       out["text_encoder"] = self.text_encoder.init(
           key, jnp.zeros((1, s), jnp.int32), jnp.ones((1, s), bool))["params"]
       return {"params": out}
@@ -226,26 +258,37 @@ class UnclipPipeline:
     return cls(config, variables, mesh=mesh)
 
   @classmethod
-  def from_stages(cls, prior, decoder, mesh=None):
-    """The pipeline of trained stages: a `prior` workdir (configs/unclip.py:shapes) and a
-    `clip_image` decoder workdir (configs/unclip.py:shapes_decoder), no super-resolution
-    (the decoder's images are the output). The decoder's frozen CLIP
-    (config.text_encoder.clip) gives the text tower, the tokenizer and the image tower
-    for image inputs; the prior must read that CLIP's features (checked)."""
+  def from_stages(cls, prior, decoder, super_res=None, mesh=None):
+    """The pipeline of trained stages: a `prior` workdir (configs/unclip.py:shapes), a
+    `clip_image` decoder workdir (configs/unclip.py:shapes_decoder) and optionally an
+    unconditional super-resolution workdir taking the decoder's size
+    (configs/unclip.py:shapes_sr32); without one the decoder's images are the output.
+    The decoder's frozen CLIP (config.text_encoder.clip) gives the text tower, the
+    tokenizer and the image tower for image inputs; the prior must read that CLIP's
+    features. Everything is checked before any weights are read."""
     from dalle_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-    stages = {}
-    for flag, path, family in (("--prior", prior, "prior"), ("--decoder", decoder, "diffusion")):
+    wanted = [("--prior", prior, "prior"), ("--decoder", decoder, "decoder")]
+    if super_res is not None:
+      wanted.append(("--super_res", super_res, "super_res"))
+    configs = {}
+    for flag, path, stage in wanted:
       path = os.path.abspath(os.path.expanduser(path))
       if not os.path.isfile(os.path.join(path, "config.json")):
         raise SamplingError(f"{flag} {path}: no config.json there (a training workdir)")
-      config = checkpoint.read_config(path)
-      if config.get("family") != family or (
-          family == "diffusion" and config.model.get("conditioning") != "clip_image"):
-        raise SamplingError(f"{flag} {path}: family {config.get('family')!r}, expected "
-                            f"configs/unclip.py:{'shapes' if family == 'prior' else 'shapes_decoder'}"
-                            f"'s ({family}{', conditioning clip_image' if family != 'prior' else ''})")
-      stages[family] = (path,) + tuple(checkpoint.load_model(path))
-    (p_path, p_cfg, p_vars), (d_path, d_cfg, d_vars) = stages["prior"], stages["diffusion"]
+      configs[stage] = (path, checkpoint.read_config(path))
+      _check_stage(flag, path, stage, configs[stage][1])
+    if super_res is not None:
+      (_, dc), (s_path, sc) = configs["decoder"], configs["super_res"]
+      d_size, s_in = int(dc.data.image_size), int(sc.model.low_res_size)
+      if s_in != d_size:
+        raise SamplingError(f"--super_res {s_path} takes {s_in} px input but the decoder "
+                            f"makes {d_size} px images (model.low_res_size)")
+      d_ch, s_ch = (int(c.model.unet.get("in_channels", 3)) for c in (dc, sc))
+      if d_ch != s_ch:
+        raise SamplingError(f"--super_res {s_path} takes {s_ch}-channel images but the "
+                            f"decoder makes {d_ch}-channel ones")
+    stages = {k: (path,) + tuple(checkpoint.load_model(path)) for k, (path, _) in configs.items()}
+    (p_path, p_cfg, p_vars), (d_path, d_cfg, d_vars) = stages["prior"], stages["decoder"]
     clip_path = str(d_cfg.text_encoder.clip)
     c_cfg, c_vars = clip_encoder.load_clip(clip_path, flag=f"--decoder {d_path}: its CLIP")
     tower = clip_lib.build_model(c_cfg, dtype="float32").text
@@ -265,8 +308,9 @@ class UnclipPipeline:
         logical_axis_rules=d_cfg.logical_axis_rules,
         allow_replication_below=d_cfg.get("allow_replication_below", 1 << 20),
         model=dict(prior=pm.to_dict(), decoder=unclip_lib.decoder_kwargs(d_cfg),
-                   super_res_first=None, super_res_last=None, text_encoder=te_kw,
-                   decoder_size=int(d_cfg.data.image_size), super_res_size=0),
+                   super_res_first=None, super_res_last=None, super_res_stage=None,
+                   text_encoder=te_kw, decoder_size=int(d_cfg.data.image_size),
+                   super_res_size=0),
         schedulers=dict(prior=sched(p_cfg), decoder=sched(d_cfg)),
         text=c_cfg.text.to_dict(),
         sampling=dict(prior_steps=int(ps.get("steps", 25)),
@@ -276,6 +320,14 @@ class UnclipPipeline:
         stages=dict(prior=p_path, decoder=d_path, clip=clip_path)))
     params = {"prior": p_vars["params"], "decoder": d_vars["params"],
               "text_encoder": c_vars["params"]["text"]}
+    if super_res is not None:
+      s_path, s_cfg, s_vars = stages["super_res"]
+      config.model.super_res_stage = s_cfg.to_dict()
+      config.model.super_res_size = int(s_cfg.data.image_size)
+      config.schedulers.super_res = sched(s_cfg)
+      config.sampling.sr_steps = int(s_cfg.sampling.steps)
+      config.stages.super_res = s_path
+      params["super_res"] = s_vars["params"]
     if mesh is not None:  # each stage's parameters split over the mesh by their logical names
       shell = cls(config, {"params": None, prior_lib.STATS: None})
       abstract = shell.abstract_variables()
@@ -286,6 +338,10 @@ class UnclipPipeline:
     pipe._tokenizer = get_tokenizer(c_cfg.text, data_cfg=c_cfg.get("data"), base_dir=clip_path)
     pipe.clip_path = clip_path
     return pipe
+
+  @property
+  def has_super_res(self):
+    return self.sr_first is not None or self.sr_task is not None
 
   @property
   def tokenizer(self):
@@ -501,6 +557,7 @@ class UnclipPipeline:
     (sampler and known as for `decode`, at this stage's size)."""
     sched, n = self.scheds["super_res"], len(x_T)
     first, last, size = self.sr_first, self.sr_last, self.sr_size
+    tick = self._tick if progress else None
 
     def fn(params, small, known, x, rng):
       up = cascade.upsample_bicubic(small, size)
@@ -512,11 +569,24 @@ class UnclipPipeline:
                             lambda: last.apply({"params": params["super_res_last"]}, inp, t_b),
                             lambda: first.apply({"params": params["super_res_first"]}, inp, t_b))
       return samplers.sample(model_fn, sched, x, sampler=sampler, steps=steps, rng=rng,
-                             progress=self._tick if progress else None, **_known_kwargs(known))
+                             progress=tick, **_known_kwargs(known))
+
+    if self.sr_task is not None:  # a stage trained here: its own conditioning and sampler
+      task = self.sr_task
+      sampler = "ddim" if sampler == "ddim" else str(task.config.sampling.sampler)
+      level = int(task.config.cascade.noise_level)
+
+      def fn(params, small, known, x, rng):  # pylint: disable=function-redefined
+        k_aug, k_steps = jax.random.split(rng)
+        low, lvl = task.sr.sample(small, size, level,
+                                  jax.random.normal(k_aug, x.shape, jnp.float32))
+        return task.sample(params["super_res"], {}, x, k_steps, sampler=sampler, steps=steps,
+                           sched=sched, progress=tick, low_res=low, level=lvl, known=known)
 
     key = ("super_res", steps, progress, sampler, known is None)
     call = self._jit(key, fn, 3)
-    params = {k: self.params[k] for k in ("super_res_first", "super_res_last")}
+    names = ("super_res",) if self.sr_task is not None else ("super_res_first", "super_res_last")
+    params = {k: self.params[k] for k in names}
     small, known, x_T = self._pad((np.asarray(small, np.float32), known, x_T), n)
     if progress:
       self._progress(steps, f"super-resolution {steps} steps, {n} images")
@@ -538,7 +608,7 @@ class UnclipPipeline:
     small = self.decode(image_embed, cond, uncond, noise["decoder"], rngs["decoder"],
                         decoder_steps, decoder_guidance_scale, progress, sampler,
                         None if known is None else known_at_size(known, self.decoder_size))
-    if self.sr_first is None:  # the decoder's images are the output
+    if not self.has_super_res:  # the decoder's images are the output
       return small
     return self.super_resolve(small, noise["super_res"], rngs["super_res"], sr_steps, progress,
                               sampler, known)
@@ -748,6 +818,10 @@ def _parser():
   p.add_argument("--decoder", default=None,
                  help="a clip_image decoder workdir (configs/unclip.py:shapes_decoder); its CLIP "
                       "is the text encoder and the default --clip")
+  p.add_argument("--super_res", default=None,
+                 help="with --prior/--decoder: an unconditional super-resolution workdir taking "
+                      "the decoder's size (configs/unclip.py:shapes_sr32); default: none, the "
+                      "decoder's images are the output")
   p.add_argument("--prompt", action="append", default=[], help="repeatable (text -> image, --edit)")
   p.add_argument("--num_images", type=int, default=4, help="samples per prompt / variations")
   p.add_argument("--seed", type=int, default=0)
@@ -816,6 +890,9 @@ def _check_cli(args, mode):
   if stages and (args.prior is None or args.decoder is None):
     raise SamplingError(f"--{'decoder' if args.decoder is None else 'prior'} is missing: trained "
                         "stages need --prior and --decoder")
+  if args.super_res is not None and not stages:
+    raise SamplingError("--super_res goes with --prior and --decoder (an imported Karlo brings "
+                        "its own super-resolution stages)")
   if args.text_diff_strength is not None:
     if mode != "text_diff":
       raise SamplingError("--text_diff_strength goes with --text_diff")
@@ -883,7 +960,7 @@ def unclip_main(argv=None):
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     mesh = generate.mesh_from_flag(args.mesh)
     if args.checkpoint is None:
-      pipe = UnclipPipeline.from_stages(args.prior, args.decoder, mesh=mesh)
+      pipe = UnclipPipeline.from_stages(args.prior, args.decoder, args.super_res, mesh=mesh)
     else:
       pipe = UnclipPipeline.load(args.checkpoint, mesh=mesh)
     if args.clip:
@@ -932,7 +1009,8 @@ def unclip_main(argv=None):
                               ("clip", args.clip), ("rerank_with", args.rerank_with))
                  if v is not None}
   model = (os.path.abspath(args.checkpoint) if args.checkpoint is not None else
-           {"prior": os.path.abspath(args.prior), "decoder": os.path.abspath(args.decoder)})
+           {k: os.path.abspath(v) for k, v in (("prior", args.prior), ("decoder", args.decoder),
+                                               ("super_res", args.super_res)) if v is not None})
   meta = {"method": "unclip", "mode": mode, "model": model,
           "seed": args.seed, "num_images": args.num_images, **inputs_meta,
           "sampling": dict(settings, sampler=sampler, mesh=args.mesh, init_noise=init_noise,

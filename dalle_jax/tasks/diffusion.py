@@ -25,9 +25,9 @@ the image, made inside the step from the batch's full-size image (no other data
 format): downsampled to low_res_size, optionally blurred (`config.cascade.blur`),
 upsampled back bicubically and noised at a random level of the augmentation
 schedule (noise-conditioning augmentation, `config.cascade.max_noise_level` > 0);
-the level is the U-Net's extra embedding `config.cascade.level_embed`
-(dalle_jax/diffusion/cascade.py: LowResConditioning). At sampling the level is
-fixed (`config.cascade.noise_level` or the caller's).
+the level is the U-Net's extra embedding `config.cascade.level_embed` ("" = none:
+unCLIP's blur-only upsamplers; dalle_jax/diffusion/cascade.py: LowResConditioning). At
+sampling the level is fixed (`config.cascade.noise_level` or the caller's).
 
 Objective (dalle_jax/diffusion/gaussian.py): for x0 from the data, t ~ U{0..T-1},
 ε ~ N(0, I): the U-Net's prediction (ε, x0 or v, `config.diffusion.prediction_type`)
@@ -92,7 +92,11 @@ def low_res_conditioning(config):
                      f"{u.get('in_channels', 3)} (the low-res image is concatenated to x_t)")
   from dalle_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
   kinds = unet_lib.parse_extra_embeds(u.get("extra_embeds", ()))
-  if kinds.get(c.level_embed, ("",))[0] != "timestep":
+  if not c.level_embed:  # unCLIP's upsamplers: blur only, the U-Net sees no level
+    if int(c.max_noise_level) > 0:
+      raise ValueError(f"config.cascade.max_noise_level={c.max_noise_level} needs "
+                       "config.cascade.level_embed (the U-Net must see the augmentation's level)")
+  elif kinds.get(c.level_embed, ("",))[0] != "timestep":
     raise ValueError(f"config.cascade.level_embed={c.level_embed!r} must be declared in "
                      f"config.model.unet.extra_embeds as '{c.level_embed}:timestep'")
   image_size = int(config.data.image_size)
@@ -193,7 +197,7 @@ class DiffusionTask(base.Task):
     self.is_sr = int(m.unet.get("low_res_channels", 0)) > 0
     self.level_embed = None
     if self.sr is not None:
-      self.level_embed = config.cascade.level_embed
+      self.level_embed = config.cascade.level_embed or None
     elif self.is_sr and if_cfg.get("stage") == "II":
       self.level_embed = "class"  # IF's noise level goes in as class_labels
     self.low_res_size = self.sr.low_res_size if self.sr is not None else None
@@ -469,7 +473,8 @@ class DiffusionTask(base.Task):
     low = None
     if self.sr is not None:  # the low-res input from the image itself, a level per row
       low, level_b = self.sr.train(jax.random.fold_in(rng, 1), x0)
-      enc["embeds"] = dict(enc["embeds"], **{self.level_embed: level_b})
+      if self.level_embed:
+        enc["embeds"] = dict(enc["embeds"], **{self.level_embed: level_b})
     known = None
     if self.inpaint:  # each row shows the model a random part of its image
       keep = inpaint_lib.random_masks(jax.random.fold_in(rng, 2), self.masks, *x0.shape[:3])
