@@ -15,12 +15,19 @@ The stages, as diffusers' UnCLIPPipeline runs them:
      and keeps the conditional variance. The result is clamped to [-1, 1].
   4. super-resolution: x_t ++ bicubic(64 px result) -> super_res_first at every step but
      the last (t = 0), which runs super_res_last. No guidance.
+Trained stages (`from_stages`: sample.py --method unclip --prior P --decoder D
+[--super_res S]) run the same way; an SR stage trained here (configs/unclip.py:shapes_sr32)
+is one U-Net conditioned as the diffusion task trains it (bicubic upsampling, plus its
+noise augmentation at config.cascade.noise_level if it has one) and samples with its own
+config.sampling.sampler (DDIM wherever the other stages do); without S the decoder's
+images are the output.
 Each stage is one compiled loop of dalle_jax.diffusion.samplers' "unclip" sampler (the
 UnCLIPScheduler), jitted with the rows split over the mesh's batch axes.
 
 Randomness: for seed s, stage k in (prior, decoder, super_res) draws its x_T from
 fold_in(PRNGKey(s), k) and its step noise from fold_in(PRNGKey(s), 3 + k) (the sampler
-folds in the step index): see `stage_keys`. `latents=` fixes any stage's x_T.
+folds in the step index): see `stage_keys`; a trained SR stage splits its step key into
+(augmentation noise, step noise). `latents=` fixes any stage's x_T.
 
 `decode_from_image_embeddings` (stages 3-4) is the entry point the image modes reuse with
 image embeddings of their own (raw CLIP image embeddings from `attach_image_encoder`'s CLIP:
@@ -162,7 +169,8 @@ def prior_sampler(prior, sched, steps, guidance_scale=4.0, sampler="unclip", pro
 
 
 class UnclipPipeline:
-  """CLIP text tower + prior + decoder + two super-resolution U-Nets, optionally sharded."""
+  """CLIP text tower + prior + decoder + super-resolution (Karlo's two U-Nets or a stage
+  trained here), optionally sharded."""
 
   def __init__(self, config, variables, mesh=None):
     if config.get("family") != FAMILY:
