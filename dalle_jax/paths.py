@@ -10,6 +10,8 @@ object store writes a whole object at once on close instead).
 Remote schemes go through fsspec (gcsfs, s3fs, ...) unless TensorFlow is
 installed, as etils.epath chooses; nothing here needs TensorFlow.
 """
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -38,6 +40,21 @@ def write_text(path, text):
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def json_text(obj, indent=2):
+  """Strict JSON of a result or settings tree: non-finite floats (a scheduler's
+  lambda_min_clipped = -inf) become the strings "inf", "-inf", "nan", which Python's
+  float() reads back, where json.dumps would write -Infinity that strict parsers reject."""
+  def strict(x):
+    if isinstance(x, float) and not math.isfinite(x):
+      return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+      return {k: strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [strict(v) for v in x]
+    return x
+  return json.dumps(strict(obj), indent=indent, allow_nan=False)
 
 
 def copy(src, dst):

@@ -54,9 +54,13 @@ def _main(argv):
   return sampling.diffusion_main(argv)
 
 
+def _strict(constant):
+  raise ValueError(f"samples.json is not strict JSON: {constant}")
+
+
 def _images(out_png):
   stem = out_png.parent / out_png.stem
-  meta = json.loads((stem / "samples.json").read_text())
+  meta = json.loads((stem / "samples.json").read_text(), parse_constant=_strict)
   return meta, np.stack([np.asarray(Image.open(stem / r["file"])) for r in meta["images"]])
 
 
@@ -79,6 +83,7 @@ def test_cli_writes_grid_images_and_settings(checkpoint, tmp_path, caplog):
   assert meta["seed"] == 1 and meta["scheduler"]["thresholding"] is True
   assert meta["scheduler"]["dynamic_thresholding_ratio"] == pytest.approx(0.99)
   assert meta["scheduler"]["num_train_timesteps"] == 100  # the checkpoint's settings
+  assert meta["scheduler"]["lambda_min_clipped"] == "-inf"  # not -Infinity (_strict)
   assert images.std() > 5  # not blank
 
 

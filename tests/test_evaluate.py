@@ -487,7 +487,7 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
               "--captions", f"{m}/captions.txt", "--num", "5", "--seed", "3",
               "--sample_batch_size", "4", *flags, "--clip", f"{m}/clip",
               "--save_samples", samples, "--out", str(out)])
-    saved = json.loads(out.read_text())
+    saved = json.loads(out.read_text(), parse_constant=_not_strict_json)
     assert saved["captions"] == [CAPTIONS[i % 3] for i in range(5)]
     assert saved["seeds"] == [3, 4] and saved["sample_batch_size"] == 4
     assert saved["family"] == family and saved["model_flag"] == "--checkpoint"
@@ -499,6 +499,7 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
     elif family == "diffusion":
       assert sampling["steps"] == 3 and sampling["guidance_scale"] == 3.0
       assert saved["settings"]["scheduler"]["num_train_timesteps"] == 100
+      assert saved["settings"]["scheduler"]["lambda_min_clipped"] == "-inf"  # strict JSON
     else:
       stage, = saved["settings"]["stages"]
       assert stage["steps"] == 2 and stage["path"] == f"{m}/diffusion"
@@ -511,6 +512,10 @@ def test_generate_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp
     _check_scores_against_subcommands(saved, samples, family != "cascade", tmp_path,
                                       capsys.readouterr().out, common)
 
+
+
+def _not_strict_json(constant):
+  raise ValueError(f"the result is not strict JSON: {constant}")
 
 
 def test_generate_unclip_scores_equal_fid_and_clip_score_subcommands(inception_pth, tmp_path,

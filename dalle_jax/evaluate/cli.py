@@ -22,7 +22,6 @@ _PROCESS_ID) shard Inception features and CLIP cosines over every device of ever
 (float64 sums merged); process 0 writes the results.
 """
 import argparse
-import json
 import logging
 import os
 import sys
@@ -30,6 +29,7 @@ import time
 
 import numpy as np
 
+from dalle_jax import paths
 from dalle_jax.evaluate import clip_cosines as clip_lib
 from dalle_jax.evaluate import features as feat_lib
 from dalle_jax.evaluate import generate as gen_lib
@@ -162,8 +162,7 @@ def write_results(out, result):
     return
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
-    json.dump(result, f, indent=2)
-    f.write("\n")
+    f.write(paths.json_text(result) + "\n")
   md = os.path.splitext(out)[0] + ".md"
   with open(md, "w") as f:
     f.write(f"# {result.get('metric', 'evaluation')}\n\n" + markdown_table(result))

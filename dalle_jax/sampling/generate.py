@@ -10,7 +10,6 @@ The VQGAN that decodes the codes is the one recorded in the AR config
 then the working directory), or an explicit override.
 """
 import argparse
-import json
 import logging
 import os
 
@@ -21,6 +20,7 @@ from PIL import Image
 
 from dalle_jax import cli
 from dalle_jax import parallel
+from dalle_jax import paths
 from dalle_jax.data import images as images_lib
 from dalle_jax.data.tokenizers import get_tokenizer
 from dalle_jax.models import loader
@@ -369,7 +369,7 @@ def write_samples(out, prompts, images, settings, scores=None):
       if scores is not None:
         rows[-1]["clip_score"] = float(scores[p][i])
   with open(os.path.join(stem, "samples.json"), "w") as f:
-    json.dump(dict(settings, images=rows), f, indent=2)
+    f.write(paths.json_text(dict(settings, images=rows)))
   n = images.shape[1]
   Image.fromarray(images_lib.image_grid(images.reshape((-1,) + images.shape[2:]), ncols=n)).save(out)
   print(f"wrote {out} ({len(prompts)} prompts x {n} images) and {len(rows)} images in {stem}/")
