@@ -74,6 +74,16 @@ def test_records_equal_embed_and_keep_the_examples(t5_records, tmp_path):
   np.testing.assert_allclose(empty["text_states"][keep], want[keep], atol=1e-4)
   meta = records.read_index(out)["meta"]
   assert (meta["text_len"], meta["text_dim"], meta["t5"]) == (MAX_LEN, 32, os.path.abspath(ckpt))
+  # --states_dtype float16: half the bytes, the same states rounded once
+  half = str(tmp_path / "f16")
+  encode_dataset.main(["--t5", ckpt, "--max_len", str(MAX_LEN), "--data_dir", data_dir,
+                       "--dataset", DATASET, "--out", half, "--batch_size", "16",
+                       "--states_dtype", "float16"])
+  rows16 = records.RecordsSource(half, "train").__getitems__(range(40))
+  states16 = np.stack([r["text_states"] for r in rows16])
+  assert states16.dtype == np.float16 and records.read_index(half)["meta"]["states_dtype"] == "float16"
+  np.testing.assert_array_equal(states16, ref["hidden_states"].astype(np.float16))
+  np.testing.assert_array_equal(np.stack([r["text_mask"] for r in rows16]), ref["mask"])
   with pytest.raises(SystemExit, match="--states_dtype 'int8'"):
     encode_dataset.main(["--t5", ckpt, "--data_dir", data_dir, "--dataset", DATASET,
                          "--out", str(tmp_path / "x"), "--states_dtype", "int8"])
