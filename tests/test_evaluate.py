@@ -547,7 +547,8 @@ def test_generate_unclip_scores_equal_fid_and_clip_score_subcommands(inception_p
   assert saved["seeds"] == [5, 6] and saved["family"] == "unclip"
   assert saved["settings"]["sampling"] == {
       "prior_steps": 2, "decoder_steps": 2, "sr_steps": 2, "decoder_guidance_scale": 3.0,
-      "prior_guidance_scale": 4.0}  # the one flag not given: the pipeline's default
+      "prior_guidance_scale": 4.0,  # the one number not given: the pipeline's default
+      "prior_sampler": "unclip", "decoder_sampler": "unclip", "sr_sampler": "unclip"}
   with np.load(samples) as z:
     images = z["arr_0"]
   big = karlo_fixture.BIG  # the last super-resolution stage's size

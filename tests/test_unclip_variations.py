@@ -81,6 +81,20 @@ def test_interpolation_ends_are_the_end_images_variations(setup):
   assert var.shape == (2, BIG, BIG, 3) and np.abs(var[0] - var[1]).max() > 1e-3
 
 
+def test_each_stage_runs_its_own_sampler(setup):
+  """Per-stage samplers: with every x_T fixed and DDIM at all three stages the seed (the
+  step noise of any stage left ancestral) no longer matters."""
+  pipe = setup[0]
+  kw = dict(STEPS, latents=pipe.initial_noise(0, 1), return_float=True)
+  ddim = dict(prior_sampler="ddim", decoder_sampler="ddim", sr_sampler="ddim")
+  a = pipe.generate(["a red circle"], 1, seed=0, **kw, **ddim)
+  b = pipe.generate(["a red circle"], 1, seed=9, **kw, **ddim)
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(unclip_sampling.SamplingError, match=r"--prior_sampler 'euler': choose "
+                                                          r"unclip\|ddim"):
+    pipe.generate(["x"], 1, prior_sampler="euler", **STEPS)
+
+
 def test_edit_keeps_the_known_region_exactly(setup):
   from dalle_jax.data import images as images_lib
   pipe, _, _, images, _ = setup
@@ -112,13 +126,17 @@ def test_cli_modes_write_frames_strip_and_rerank(setup, tmp_path):
     meta = json.load(f)
   assert meta["mode"] == "interpolate" and meta["frames"] == 3
   assert meta["sampling"]["sampler"] == "ddim"
+  assert (meta["sampling"]["decoder_sampler"], meta["sampling"]["sr_sampler"]) == ("ddim", "ddim")
 
   out = str(tmp_path / "ranked.png")
   unclip_sampling.unclip_main(["--checkpoint", ckpt, "--prompt", "a red circle",
                                "--num_images", "3", "--rerank_with", clip, "--rerank_top", "2",
-                               "--out", out] + steps)
+                               "--prior_sampler", "ddim", "--out", out] + steps)
   with open(tmp_path / "ranked" / "samples.json") as f:
-    rows = json.load(f)["images"]
+    meta = json.load(f)
+  rows = meta["images"]
+  assert [meta["sampling"][f"{s}_sampler"] for s in ("prior", "decoder", "sr")] == [
+      "ddim", "unclip", "unclip"]
   assert len(rows) == 2 and rows[0]["clip_score"] >= rows[1]["clip_score"]
 
 

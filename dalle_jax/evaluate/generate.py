@@ -43,7 +43,8 @@ SAMPLER_FLAGS = {
     "diffusion": {"sampler": str, "steps": int, "eta": float, "guidance_scale": float,
                   "thresholding": str, "threshold_percentile": float},
     "unclip": {"prior_steps": int, "decoder_steps": int, "sr_steps": int,
-               "prior_guidance_scale": float, "decoder_guidance_scale": float},
+               "prior_guidance_scale": float, "decoder_guidance_scale": float,
+               "prior_sampler": str, "decoder_sampler": str, "sr_sampler": str},
     "cascade": {"sampler": str, "steps": int, "eta": float, "guidance_scale": float,
                 "noise_level": int, "thresholding": str, "threshold_percentile": float},
 }
@@ -184,11 +185,19 @@ def diffusion_sampler(pipe, flags):
 
 def unclip_sampler(pipe, flags):
   """sampling.unclip.UnclipPipeline -> FamilySampler."""
+  from dalle_jax.sampling import unclip as unclip_lib  # pylint: disable=g-import-not-at-top
   s = dict(pipe.config.get("sampling") or {})
   defaults = {"prior_steps": 25, "decoder_steps": 25, "sr_steps": 7,
               "prior_guidance_scale": 4.0, "decoder_guidance_scale": 8.0}
   kw = {k: _pick(flags, k, s, d) for k, d in defaults.items()}
-  return FamilySampler("unclip", pipe, {"sampling": kw},
+  samplers = {"prior_sampler": flags.get("prior_sampler") or "unclip",
+              "decoder_sampler": flags.get("decoder_sampler") or "unclip",
+              "sr_sampler": flags.get("sr_sampler")}
+  unclip_lib.check_samplers(**samplers)
+  kw.update(samplers)
+  resolved = dict(kw, sr_sampler=(pipe.sr_sampler(kw["sr_sampler"], kw["decoder_sampler"])
+                                  if pipe.has_super_res else None))
+  return FamilySampler("unclip", pipe, {"sampling": resolved},
                        lambda caps, seed: pipe.generate(caps, 1, seed, **kw))
 
 

@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 FAMILY = "unclip"
 STAGES = ("prior", "decoder", "super_res")
+SAMPLERS = ("unclip", "ddim")  # every stage's: Karlo's ancestral UnCLIPScheduler, or DDIM
 SamplingError = diffusion_sampling.SamplingError
 
 
@@ -498,12 +499,13 @@ class UnclipPipeline:
                         tree)
 
   # --- 2. prior -----------------------------------------------------------------------
-  def sample_prior(self, cond, uncond, x_T, rng, steps=25, guidance_scale=4.0, progress=False):
+  def sample_prior(self, cond, uncond, x_T, rng, steps=25, guidance_scale=4.0, progress=False,
+                   sampler="unclip"):
     """CLIP image embeddings (B, E) (denormalised) for the captions' rows."""
     sched, n = self.scheds["prior"], len(x_T)
-    fn = prior_sampler(self.prior, sched, steps, guidance_scale,
+    fn = prior_sampler(self.prior, sched, steps, guidance_scale, sampler=sampler,
                        progress=self._tick if progress else None)
-    key = ("prior", steps, float(guidance_scale), progress)
+    key = ("prior", steps, float(guidance_scale), progress, sampler)
     call = self._jit(key, fn, 3)
     variables = {"params": self.params["prior"], prior_lib.STATS: self.clip_stats}
     cond, uncond, x_T = self._pad((cond, uncond, x_T), n)
@@ -559,10 +561,20 @@ class UnclipPipeline:
     finally:
       self._close_bar()
 
-  def super_resolve(self, small, x_T, rng, steps=7, progress=False, sampler="unclip",
-                    known=None):
+  def sr_sampler(self, sampler=None, decoder_sampler="unclip"):
+    """The super-resolution stage's sampler: `sampler` if given, else DDIM after a DDIM
+    decoder (the image modes that hold x_T fixed), else the stage's own: Karlo's "unclip",
+    or a trained stage's config.sampling.sampler."""
+    if sampler is not None:
+      return sampler
+    if decoder_sampler == "ddim":
+      return "ddim"
+    return str(self.sr_task.config.sampling.sampler) if self.sr_task is not None else "unclip"
+
+  def super_resolve(self, small, x_T, rng, steps=7, progress=False, sampler=None, known=None):
     """The super-resolution stage: (B, H, W, C) from the decoder's (B, h, w, C) in [-1, 1]
-    (sampler and known as for `decode`, at this stage's size)."""
+    (known as for `decode`, at this stage's size; sampler None: `sr_sampler`'s default)."""
+    sampler = self.sr_sampler(sampler)
     sched, n = self.scheds["super_res"], len(x_T)
     first, last, size = self.sr_first, self.sr_last, self.sr_size
     tick = self._tick if progress else None
@@ -581,7 +593,6 @@ class UnclipPipeline:
 
     if self.sr_task is not None:  # a stage trained here: its own conditioning and sampler
       task = self.sr_task
-      sampler = "ddim" if sampler == "ddim" else str(task.config.sampling.sampler)
       level = int(task.config.cascade.noise_level)
 
       def fn(params, small, known, x, rng):  # pylint: disable=function-redefined
@@ -607,11 +618,13 @@ class UnclipPipeline:
 
   def decode_from_image_embeddings(self, image_embed, cond, uncond, noise, rngs, *,
                                    decoder_steps=25, sr_steps=7, decoder_guidance_scale=8.0,
-                                   progress=False, sampler="unclip", known=None):
+                                   progress=False, sampler="unclip", sr_sampler=None,
+                                   known=None):
     """Stages 3-4 from CLIP image embeddings (B, E): float images (B, H, W, C) in about
     [-1, 1]. noise: {'decoder', 'super_res'} x_T; rngs: {'decoder', 'super_res'} step rngs.
-    sampler: both stages' ("unclip" | "ddim"); known: None or {'x0' (B, H, W, C) at the
-    super-resolution size, 'mask' (B, H, W, 1) 1 = keep}: inpainting at both stages.
+    sampler: the decoder's ("unclip" | "ddim"), sr_sampler the SR stage's (None: see
+    `sr_sampler`); known: None or {'x0' (B, H, W, C) at the super-resolution size, 'mask'
+    (B, H, W, 1) 1 = keep}: inpainting at both stages.
     (Variations, interpolations, text diffs and edits enter here with embeddings of their own.)"""
     small = self.decode(image_embed, cond, uncond, noise["decoder"], rngs["decoder"],
                         decoder_steps, decoder_guidance_scale, progress, sampler,
@@ -619,26 +632,31 @@ class UnclipPipeline:
     if not self.has_super_res:  # the decoder's images are the output
       return small
     return self.super_resolve(small, noise["super_res"], rngs["super_res"], sr_steps, progress,
-                              sampler, known)
+                              self.sr_sampler(sr_sampler, sampler), known)
 
   def generate(self, prompts, num_images=1, seed=0, *, prior_steps=25, decoder_steps=25,
                sr_steps=7, prior_guidance_scale=4.0, decoder_guidance_scale=8.0, latents=None,
-               progress=False, return_float=False):
-    """uint8 images (P, num_images, H, W, 3), or the float results (about [-1, 1])."""
+               progress=False, return_float=False, prior_sampler="unclip",
+               decoder_sampler="unclip", sr_sampler=None):
+    """uint8 images (P, num_images, H, W, 3), or the float results (about [-1, 1]).
+    Each stage samples with its own sampler (SAMPLERS; sr_sampler None: `sr_sampler`)."""
     prompts = list(prompts)
     steps = {"prior": prior_steps, "decoder": decoder_steps, "super_res": sr_steps}
     self.check(prompts, num_images, steps,
                {"prior": prior_guidance_scale, "decoder": decoder_guidance_scale})
+    check_samplers(prior_sampler=prior_sampler, decoder_sampler=decoder_sampler,
+                   sr_sampler=sr_sampler)
     n = len(prompts) * num_images
     noise = self.initial_noise(seed, n, latents)
     rngs = {s: k[1] for s, k in stage_keys(seed).items()}
     cond, uncond = self.condition(prompts, num_images)
     image_embed = self.sample_prior(cond, uncond, noise["prior"], rngs["prior"], prior_steps,
-                                    float(prior_guidance_scale), progress)
+                                    float(prior_guidance_scale), progress, prior_sampler)
     x = self.decode_from_image_embeddings(image_embed, cond, uncond, noise, rngs,
                                           decoder_steps=decoder_steps, sr_steps=sr_steps,
                                           decoder_guidance_scale=float(decoder_guidance_scale),
-                                          progress=progress)
+                                          progress=progress, sampler=decoder_sampler,
+                                          sr_sampler=sr_sampler)
     x = x.reshape((len(prompts), num_images) + x.shape[1:])
     return x if return_float else images_lib.to_uint8(x)
 
@@ -698,8 +716,8 @@ class UnclipPipeline:
         image_embed, uncond if cond is None else cond, uncond, noise, rngs,
         decoder_steps=settings["decoder_steps"], sr_steps=settings["sr_steps"],
         decoder_guidance_scale=float(settings["decoder_guidance_scale"]),
-        progress=settings.get("progress", False), sampler=settings.get("sampler", "unclip"),
-        known=known)
+        progress=settings.get("progress", False), sampler=settings["decoder_sampler"],
+        sr_sampler=settings["sr_sampler"], known=known)
     return x
 
   def _settings(self, kw):
@@ -707,10 +725,13 @@ class UnclipPipeline:
     out = {k: kw.get(k) if kw.get(k) is not None else s.get(k, d)
            for k, d in (("decoder_steps", 25), ("sr_steps", 7), ("decoder_guidance_scale", 8.0),
                         ("prior_steps", 25), ("prior_guidance_scale", 4.0))}
-    out["sampler"] = kw.get("sampler") or "unclip"
+    # `sampler` (the mode's: DDIM where x_T is held fixed) is the decoder's unless
+    # decoder_sampler says otherwise; the SR stage follows (`sr_sampler`)
+    out["prior_sampler"] = kw.get("prior_sampler") or "unclip"
+    out["decoder_sampler"] = kw.get("decoder_sampler") or kw.get("sampler") or "unclip"
+    out["sr_sampler"] = kw.get("sr_sampler")
     out["progress"] = kw.get("progress", False)
-    if out["sampler"] not in ("unclip", "ddim"):
-      raise SamplingError(f"--sampler {out['sampler']!r}: choose unclip|ddim")
+    check_samplers(**{k: out[k] for k in ("prior_sampler", "decoder_sampler", "sr_sampler")})
     self.check_steps({"prior": out["prior_steps"], "decoder": out["decoder_steps"],
                       "super_res": out["sr_steps"]},
                      {"prior": out["prior_guidance_scale"],
@@ -779,13 +800,21 @@ class UnclipPipeline:
     noise = self.initial_noise(seed, num_images, latents)
     rngs = {s: k[1] for s, k in stage_keys(seed).items()}
     emb = self.sample_prior(cond, uncond, noise["prior"], rngs["prior"], settings["prior_steps"],
-                            float(settings["prior_guidance_scale"]), settings["progress"])
+                            float(settings["prior_guidance_scale"]), settings["progress"],
+                            settings["prior_sampler"])
     known = {k: np.repeat(v, num_images, 0) for k, v in known.items()}
     return self._from_embeddings(emb, noise, seed, settings, cond=cond, known=known)
 
   def edit_target(self, image, mask):
     """{'x0' (1, H, W, 3) in [-1, 1], 'mask' (1, H, W, 1) 1 = keep} at the output size."""
     return diffusion_sampling.edit_target(image, mask, self.sr_size)
+
+
+def check_samplers(**samplers):
+  """{flag name: sampler or None (the default)}: a one-line error for any other value."""
+  for flag, value in samplers.items():
+    if value is not None and value not in SAMPLERS:
+      raise SamplingError(f"--{flag} {value!r}: choose {'|'.join(SAMPLERS)}")
 
 
 def _batch_of_one(image):
@@ -859,6 +888,12 @@ def _parser():
                    help=f"{what} steps (default: config.sampling.{flag})")
   p.add_argument("--prior_guidance_scale", type=float, default=None)
   p.add_argument("--decoder_guidance_scale", type=float, default=None)
+  for flag, what in (("prior_sampler", "prior"), ("decoder_sampler", "decoder"),
+                     ("sr_sampler", "super-resolution")):
+    p.add_argument(f"--{flag}", default=None, choices=SAMPLERS,
+                   help=f"the {what} stage's sampler (default: unclip; DDIM for the decoder and "
+                        "super-resolution of --interpolate / --text_diff, which hold x_T fixed; "
+                        "a trained super-resolution stage's own config.sampling.sampler)")
   p.add_argument("--init_noise", default=None,
                  help=".npz with any of prior (B, E), decoder (B, h, w, 3), super_res "
                       "(B, H, W, 3) float32 x_T (B = prompts x num_images)")
@@ -981,12 +1016,14 @@ def unclip_main(argv=None):
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else s.get(flag)
     settings = {k: pick(k) for k in ("prior_steps", "decoder_steps", "sr_steps",
                                      "prior_guidance_scale", "decoder_guidance_scale")}
+    settings.update({k: getattr(args, k) for k in ("prior_sampler", "decoder_sampler",
+                                                   "sr_sampler")})
     common = dict(seed=args.seed, latents=latents, progress=True, **settings)
     scores = None
     if mode == "text":
       labels = list(args.prompt)
       images = pipe.generate(args.prompt, args.num_images, args.seed, latents=latents,
-                             progress=True, **settings)
+                             progress=True, **{k: v for k, v in settings.items() if v is not None})
       sampler = "unclip"
     else:
       if mode == "variations":
@@ -1019,10 +1056,16 @@ def unclip_main(argv=None):
   model = (os.path.abspath(args.checkpoint) if args.checkpoint is not None else
            {k: os.path.abspath(v) for k, v in (("prior", args.prior), ("decoder", args.decoder),
                                                ("super_res", args.super_res)) if v is not None})
+  # the samplers each stage ran ("sampler": the decoder's, as before per-stage flags)
+  decoder_sampler = args.decoder_sampler or sampler
+  ran = dict(prior_sampler=(args.prior_sampler or "unclip") if mode in ("text", "edit") else None,
+             decoder_sampler=decoder_sampler,
+             sr_sampler=(pipe.sr_sampler(args.sr_sampler, decoder_sampler)
+                         if pipe.has_super_res else None))
   meta = {"method": "unclip", "mode": mode, "model": model,
           "seed": args.seed, "num_images": args.num_images, **inputs_meta,
-          "sampling": dict(settings, sampler=sampler, mesh=args.mesh, init_noise=init_noise,
-                           rerank_top=args.rerank_top),
+          "sampling": dict(settings, **ran, sampler=decoder_sampler, mesh=args.mesh,
+                           init_noise=init_noise, rerank_top=args.rerank_top),
           "schedulers": {k: v.to_dict() for k, v in pipe.scheds.items()}}
   if mode in ("interpolate", "text_diff"):
     meta["frames"] = args.frames
