@@ -93,6 +93,9 @@ def base_config():
   c.data.prefetch_to_device = 0  # batches the trainer shards onto the mesh ahead (0 = off)
   c.data.image_dtype = "float32"  # float32 | uint8 (the step scales: pipeline.normalize_images)
   c.data.random_crop = False
+  # > 0: train on crop_size windows of the image_size images (random per example; centred
+  # for eval): super-resolution stages whose U-Nets are convolutional (tasks/diffusion.py)
+  c.data.crop_size = 0
 
   c.optimizer = optimizer_config()
   c.ema_decay = 0.0  # 0 disables the parameter EMA

@@ -94,6 +94,8 @@ Keys beyond configs/diffusion.py:
                            max_noise_level must be 0: unCLIP's blur-only upsamplers)
   cascade.blur             blur the low-res image in training (unCLIP), sigma ~
                            U[cascade.blur_sigma), cascade.blur_size taps
+  data.crop_size           train on crop_size windows (attention-free U-Nets only; the low-res
+                           input from the crop; sampling stays at image_size): 0 = whole images
 """
 import ml_collections
 

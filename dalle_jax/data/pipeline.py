@@ -3,6 +3,7 @@
   source = load_source(config.data, "train")         # len(source), source[i] -> dict
   it = make_iterator(config.data, "train", config.batch_size, seed=config.seed)
   batch = next(it)   # {'image': f32 (B, S, S, 3) in [-1, 1], 'caption': (B,) str, ...}
+                     # S = data.image_size, or data.crop_size when that is set
   state = it.get_state()  # small JSON dict; it.set_state(state) resumes exactly
   it = prefetch_to_device(it, mesh)  # global jax.Arrays, placed ahead by a thread
 
@@ -229,7 +230,8 @@ class _BatchLoader:
   """step -> this process's slice of global batch `step` (a picklable grain map)."""
 
   def __init__(self, source, order, start, global_batch, process_index, process_count,
-               image_size, random_crop, seed, preprocess, image_dtype):
+               image_size, random_crop, seed, preprocess, image_dtype, crop_size=0,
+               random_window=False):
     self.source = source
     self.order = order
     self.start = start
@@ -241,6 +243,8 @@ class _BatchLoader:
     self.seed = seed
     self.preprocess = preprocess
     self.uint8 = image_dtype == "uint8"
+    self.crop_size = crop_size
+    self.random_window = random_window
 
   def positions(self, step):
     first = self.start + step * self.global_batch + self.process_index * self.local_batch
@@ -261,7 +265,13 @@ class _BatchLoader:
           image = img_lib.decode(ex["image"])
         except img_lib.ImageError as e:
           raise ValueError(f"example {self.order[p]} of {self.source!r}: bad image ({e})") from None
-        ex["image"] = img_lib.resize_and_crop(image, self.image_size, rng)
+        image = img_lib.resize_and_crop(image, self.image_size, rng)
+        if self.crop_size and self.random_window:  # its own stream: random_crop's unchanged
+          window_rng = np.random.default_rng([self.seed, p, 1])
+          image = img_lib.random_crop(image, self.crop_size, window_rng)
+        elif self.crop_size:
+          image = img_lib.center_crop(image, self.crop_size)
+        ex["image"] = image
       if self.preprocess is not None:
         if "image" in ex and not self.uint8:
           ex["image"] = img_lib.to_float(ex["image"])
@@ -287,7 +297,8 @@ class DataIterator:
 
   def __init__(self, source, *, global_batch_size, seed, shuffle, repeat, process_index,
                process_count, image_size, random_crop, preprocess, num_workers=0,
-               read_threads=4, prefetch=4, image_dtype="float32", name=""):
+               read_threads=4, prefetch=4, image_dtype="float32", crop_size=0,
+               random_window=False, name=""):
     self.source = source
     self.name = name
     self.num_examples = len(source)
@@ -305,6 +316,8 @@ class DataIterator:
     self.read_threads = read_threads
     self.prefetch = prefetch
     self.image_dtype = image_dtype
+    self.crop_size = crop_size
+    self.random_window = random_window
     self.position = 0  # global position of the next batch's first example
     self._it = None
     if not repeat and self.num_examples < global_batch_size:
@@ -326,7 +339,8 @@ class DataIterator:
       num_steps = max(0, (self.num_examples - self.position) // self.global_batch_size)
     loader = _BatchLoader(self.source, order, self.position, self.global_batch_size,
                           self.process_index, self.process_count, self.image_size,
-                          self.random_crop, self.seed, self.preprocess, self.image_dtype)
+                          self.random_crop, self.seed, self.preprocess, self.image_dtype,
+                          self.crop_size, self.random_window)
     ds = grain.MapDataset.range(num_steps).map(loader)
     # Each element is a whole batch, a pure function of its step: threads
     # assemble several at once and grain hands them out in step order.
@@ -375,8 +389,18 @@ class DataIterator:
       pass
 
 
+def crop_size(data_cfg):
+  """data.crop_size, checked: 0 (whole images) or the side of the window taken from each
+  data.image_size image, in (0, data.image_size]."""
+  v, size = _cfg(data_cfg, "crop_size", 0), int(_cfg(data_cfg, "image_size", 64))
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= size:
+    raise ValueError(f"data.crop_size={v!r} must be 0 (whole images) or a window side in "
+                     f"(0, data.image_size={size}]")
+  return int(v)
+
+
 def make_iterator(data_cfg, split, global_batch_size, *, seed, preprocess=None, shuffle=True,
-                  repeat=True, process_index=None, process_count=None):
+                  repeat=True, process_index=None, process_count=None, random_window=None):
   """Process-local batches of `split`: see the module docstring for the order.
 
   Images are decoded, resized (shorter side) to data_cfg.image_size, center- or
@@ -386,6 +410,12 @@ def make_iterator(data_cfg, split, global_batch_size, *, seed, preprocess=None, 
   dtype. Captions come out as an object array of str; int64/float64 features
   as int32/float32. data_cfg.read_threads / prefetch / num_workers: see the
   module docstring.
+
+  data_cfg.crop_size > 0 (super-resolution stages that train on crops) then keeps
+  only a crop_size x crop_size window of each image_size image: a random one per
+  example (seeded by (seed, position), so a resumed run gets the same windows)
+  when `random_window`, else the centre one. random_window=None: random for
+  data_cfg.train_split, centred for any other split (evaluation).
   """
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -404,6 +434,9 @@ def make_iterator(data_cfg, split, global_batch_size, *, seed, preprocess=None, 
     v = counts[key] = _cfg(data_cfg, key, default)
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
       raise ValueError(f"data.{key}={v!r}; must be an integer >= {low}")
+  crop = crop_size(data_cfg)
+  if random_window is None:
+    random_window = split == str(_cfg(data_cfg, "train_split", "train"))
   source = load_source(data_cfg, split)
   if len(source) == 0:
     raise ValueError(f"{_cfg(data_cfg, 'dataset', '')}:{split} is empty")
@@ -414,8 +447,8 @@ def make_iterator(data_cfg, split, global_batch_size, *, seed, preprocess=None, 
       image_size=int(_cfg(data_cfg, "image_size", 64)),
       random_crop=bool(_cfg(data_cfg, "random_crop", False)), preprocess=preprocess,
       num_workers=int(counts["num_workers"]), read_threads=int(counts["read_threads"]),
-      prefetch=int(counts["prefetch"]), image_dtype=image_dtype,
-      name=f"{_cfg(data_cfg, 'dataset', '')}:{split}")
+      prefetch=int(counts["prefetch"]), image_dtype=image_dtype, crop_size=crop,
+      random_window=bool(random_window), name=f"{_cfg(data_cfg, 'dataset', '')}:{split}")
 
 
 # --------------------------------------------------------------------------- device prefetch

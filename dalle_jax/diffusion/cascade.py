@@ -125,7 +125,9 @@ def random_blur(rng, x_bhwc, sigma_range=(0.4, 0.6), size=3):
 class LowResConditioning:
   """What a super-resolution stage trained here is conditioned on (config.cascade).
 
-  low_res_size: the stage's input size h (its output size H comes with the image).
+  low_res_size: the stage's input size h (its output size H comes with the image). A stage
+    that trains on crops of side H * f uses a copy with h * f (tasks/diffusion.py:
+    crop_conditioning): each crop is its own low-res input, as the full image is at sampling.
   noise: the augmentation (None = the clean upsampled image, level 0).
   blur: blur the low-res image in training (unCLIP), sigma ~ U[blur_sigma), blur_size taps.
   """

@@ -29,6 +29,14 @@ the level is the U-Net's extra embedding `config.cascade.level_embed` ("" = none
 unCLIP's blur-only upsamplers; dalle_jax/diffusion/cascade.py: LowResConditioning). At
 sampling the level is fixed (`config.cascade.noise_level` or the caller's).
 
+Crops (`config.data.crop_size` > 0; DALL·E 2's upsamplers, Imagen's SR1024): the stage
+trains and evaluates on crop_size windows of the data.image_size images (the input
+pipeline cuts them: random in training, centred in eval), its low-res input made from
+the crop at crop_size * low_res_size / image_size px; a convolution-only U-Net (no
+attention) computes the same function at any size, so it samples at data.image_size
+from a low_res_size input as without crops. Batches of either size are accepted
+(init, FLOP counting and dummy_batch use the training crop's).
+
 Objective (dalle_jax/diffusion/gaussian.py): for x0 from the data, t ~ U{0..T-1},
 ε ~ N(0, I): the U-Net's prediction (ε, x0 or v, `config.diffusion.prediction_type`)
 regressed with plain MSE or min-SNR-γ weighting (`config.diffusion.loss_weighting`),
@@ -110,6 +118,45 @@ def low_res_conditioning(config):
     noise = cascade_lib.NoiseAugmentation(aug, max_level=int(c.max_noise_level))
   return cascade_lib.LowResConditioning(size, noise, bool(c.blur), tuple(c.blur_sigma),
                                         int(c.blur_size))
+
+
+def crop_conditioning(config, sr):
+  """config.data.crop_size -> the LowResConditioning of crop_size training windows (None:
+  whole images): `sr`'s, with low_res_size scaled by crop_size / image_size. Every key
+  checked before anything is built."""
+  try:
+    crop = pipeline.crop_size(config.data)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  if not crop:
+    return None
+  if sr is None:
+    raise ValueError(f"config.data.crop_size={crop}: only a super-resolution stage trained here "
+                     "(config.model.low_res_size > 0 with config.cascade) trains on crops")
+  if config.model.get("conditioning") == "clip_image":
+    raise ValueError(f"config.data.crop_size={crop}: not with config.model.conditioning="
+                     "'clip_image' (the decoder's CLIP embeds the whole image)")
+  # attention over a crop's tokens is not what the U-Net computes over the whole image
+  u = config.model.unet
+  attn = u.get("attention", "none")
+  levels = (attn,) if isinstance(attn, str) else tuple(attn)
+  if any(a != "none" for a in levels):
+    raise ValueError(f"config.data.crop_size={crop} needs a convolution-only U-Net: "
+                     f"config.model.unet.attention={levels} must be 'none' at every level")
+  mid = u.get("mid_attention", "self")
+  if u.get("mid_block", True) and int(u.get("mid_layers", 1)) > 0 and mid != "none":
+    raise ValueError(f"config.data.crop_size={crop} needs a convolution-only U-Net: "
+                     f"config.model.unet.mid_attention={mid!r} must be 'none'")
+  image_size = int(config.data.image_size)
+  if (crop * sr.low_res_size) % image_size:
+    raise ValueError(f"config.data.crop_size={crop} x config.model.low_res_size="
+                     f"{sr.low_res_size} must be divisible by config.data.image_size="
+                     f"{image_size} (the crop's low-res side)")
+  low = crop * sr.low_res_size // image_size
+  if sr.blur and low <= sr.blur_size // 2:
+    raise ValueError(f"config.data.crop_size={crop}: the crop's low-res side {low} is too "
+                     f"small for config.cascade.blur_size={sr.blur_size}")
+  return dataclasses.replace(sr, low_res_size=low)
 
 
 class FrozenClipText:
@@ -201,6 +248,9 @@ class DiffusionTask(base.Task):
     elif self.is_sr and if_cfg.get("stage") == "II":
       self.level_embed = "class"  # IF's noise level goes in as class_labels
     self.low_res_size = self.sr.low_res_size if self.sr is not None else None
+    # training / eval on crops: their own (smaller) low-res input
+    self.crop_sr = crop_conditioning(config, self.sr)
+    self.crop_size = int(config.data.get("crop_size", 0)) if self.crop_sr is not None else 0
     # GLIDE's inpainting layout: the masked image ++ mask are extra U-Net inputs; training
     # masks are drawn inside the step (config.inpaint, dalle_jax/diffusion/inpaint.py)
     self.inpaint = bool(m.unet.get("inpaint", False))
@@ -374,8 +424,9 @@ class DiffusionTask(base.Task):
       clip_image = self._resized(image, self.clip_image_size)
       image = self._resized(image, self.image_size)
     s, c = self.image_size, self.channels
-    if image.shape != (s, s, c):
-      raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, {c}): "
+    if image.shape != (s, s, c) and image.shape != (self.crop_size, self.crop_size, c):
+      crops = f" (or its crop_size={self.crop_size} crops)" if self.crop_size else ""
+      raise ValueError(f"image of shape {image.shape}, model expects ({s}, {s}, {c}){crops}: "
                        f"set config.data.image_size={s}")
     out = {"image": image}
     if clip_image is not None:
@@ -411,7 +462,7 @@ class DiffusionTask(base.Task):
     return images_lib.to_float(images_lib.resize_and_crop(images_lib.to_uint8(image), size))
 
   def dummy_batch(self, batch_size):
-    s, c = self.image_size, self.channels
+    s, c = self.crop_size or self.image_size, self.channels  # what training batches hold
     out = {"image": np.zeros((batch_size, s, s, c), np.float32)}
     if self.conditioning == "clip_image":
       k = self.clip_image_size
@@ -427,11 +478,24 @@ class DiffusionTask(base.Task):
     return out
 
   # --- model --------------------------------------------------------------------
+  def _sr_at(self, size):
+    """The low-res conditioning of size x size images: the stage's own at data.image_size,
+    the crops' at data.crop_size."""
+    if size == self.image_size:
+      return self.sr
+    if self.crop_sr is not None and size == self.crop_size:
+      return self.crop_sr
+    crops = f" or its crop_size={self.crop_size} crops" if self.crop_sr is not None else ""
+    raise ValueError(f"images of {size} px: this stage takes data.image_size={self.image_size} "
+                     f"px images{crops}")
+
   def _sr_inputs(self, x_bhwc):
     """Placeholder low-res input and level embedding of x's shape (init, FLOP counting)."""
     if not self.is_sr:
       return None, {}
     b, s = x_bhwc.shape[0], self.low_res_size or self.image_size
+    if self.crop_sr is not None and x_bhwc.shape[1] == self.crop_size:
+      s = self.crop_sr.low_res_size
     low = jnp.zeros((b, s, s, self.channels), jnp.float32)
     return low, {self.level_embed: jnp.zeros((b,), jnp.int32)} if self.level_embed else {}
 
@@ -472,7 +536,7 @@ class DiffusionTask(base.Task):
     x0 = pipeline.normalize_images(batch["image"]).astype(jnp.float32)  # uint8 scaled here
     low = None
     if self.sr is not None:  # the low-res input from the image itself, a level per row
-      low, level_b = self.sr.train(jax.random.fold_in(rng, 1), x0)
+      low, level_b = self._sr_at(x0.shape[1]).train(jax.random.fold_in(rng, 1), x0)
       if self.level_embed:
         enc["embeds"] = dict(enc["embeds"], **{self.level_embed: level_b})
     known = None
@@ -612,10 +676,11 @@ class DiffusionTask(base.Task):
     def run(p, b, r):
       b = jax.tree.map(lambda a: a[:k], b)
       x = pipeline.normalize_images(b["image"]).astype(jnp.float32)
-      low = self.sr.low_res(x)
+      sr = self._sr_at(x.shape[1])  # eval batches of crops: the crop's low-res input
+      low = sr.low_res(x)
       k_aug, k_noise, k_sample = jax.random.split(r, 3)
-      cond_img, level = self.sr.sample(low, x.shape[1:3], int(self.config.cascade.noise_level),
-                                       jax.random.normal(k_aug, x.shape, jnp.float32))
+      cond_img, level = sr.sample(low, x.shape[1:3], int(self.config.cascade.noise_level),
+                                  jax.random.normal(k_aug, x.shape, jnp.float32))
       out = self.sample(p, self.cond_of(b), jax.random.normal(k_noise, x.shape, jnp.float32),
                         k_sample, sampler=s.sampler, steps=int(s.steps), eta=float(s.eta),
                         guidance_scale=float(s.guidance_scale), low_res=cond_img, level=level)
