@@ -194,8 +194,8 @@ def _sample_full_size(task, params):
 
 def test_stage_trains_on_crops_then_samples_at_full_size(data_dir):
   """The task's own iterator hands it 8 px crops; two gradient steps on them change the
-  params; the eval loss and the preview run on the centred eval crops; FLOPs are counted at
-  the crop size; the params then sample 16 px images from 8 px inputs."""
+  params; the preview runs on the centred eval crops; FLOPs are counted at the crop size;
+  the params then sample 16 px images from 8 px inputs."""
   import optax  # pylint: disable=g-import-not-at-top
   config = _sr_config(data_dir)
   config.cascade.blur = True  # 4 px crops' low-res: the 3-tap blur still fits
@@ -216,9 +216,7 @@ def test_stage_trains_on_crops_then_samples_at_full_size(data_dir):
   assert np.isfinite(float(loss))
   assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0
              for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params)))
-  eval_batch = next(task.make_iterator("test", 8, shuffle=False))
-  assert np.isfinite(float(jax.jit(task.eval_fn)(trained, {}, eval_batch,
-                                                 jax.random.PRNGKey(2))["loss"]))
+  eval_batch = next(task.make_iterator("test", 8, shuffle=False))  # (eval_fn: the slow test)
   grid = task.preview(trained, {}, eval_batch, jax.random.PRNGKey(3))["samples"]
   assert grid.shape == (2 + 4 * (CROP + 2), 2 + 3 * (CROP + 2), 3)  # 4 rows of 3 crops
   assert task.flops_per_example() > 0
