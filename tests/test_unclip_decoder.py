@@ -67,6 +67,25 @@ def decoder_config(tmp_path, clip):
   return config
 
 
+def train_prior_and_decoder(clip, tmp_path):
+  """A decoder (decoder_config, 4 steps) in tmp_path/decoder and a 1-layer prior (2 steps) in
+  tmp_path/prior on the CLIP's tools.embed records of the same data; -> the decoder config."""
+  from dalle_jax.tools import embed
+  from dalle_jax.train import loop
+  dconfig = decoder_config(tmp_path, clip)
+  loop.train(dconfig, str(tmp_path / "decoder"))
+  out = str(tmp_path / "shapes_clip")
+  embed.main(["--clip", clip, "--dataset", dconfig.data.dataset, "--data_dir",
+              dconfig.data.data_dir, "--out", out])
+  pconfig = unclip_configs.get_config("shapes")
+  pconfig.data.dataset = out
+  pconfig.model.update(dict(embed_dim=24, text_dim=32, num_layers=1, num_heads=2, head_dim=16))
+  pconfig.update(dict(total_steps=2, checkpoint_every=2, eval_every=0, log_every=1,
+                      batch_size=16, async_checkpoints=False))
+  loop.train(pconfig, str(tmp_path / "prior"))
+  return dconfig
+
+
 # three short trainings (uninterrupted, stopped, resumed): a whole multi-run training, as
 # test_diffusion_task's; the fast suite covers the decoder's step through the other tests
 @pytest.mark.slow
@@ -205,19 +224,7 @@ def test_trained_stages_through_the_cli(tiny_clip, tmp_path):
   moves the last frame to slerp(z_i, z_d, s): 2 frames at strength 0.25 end on the middle
   frame of 3 at 0.5 (same embedding, same x_T)."""
   from PIL import Image
-  from dalle_jax.tools import embed
-  from dalle_jax.train import loop
-  dconfig = decoder_config(tmp_path, tiny_clip)
-  loop.train(dconfig, str(tmp_path / "decoder"))
-  out = str(tmp_path / "shapes_clip")
-  embed.main(["--clip", tiny_clip, "--dataset", dconfig.data.dataset, "--data_dir",
-              dconfig.data.data_dir, "--out", out])
-  pconfig = unclip_configs.get_config("shapes")
-  pconfig.data.dataset = out
-  pconfig.model.update(dict(embed_dim=24, text_dim=32, num_layers=1, num_heads=2, head_dim=16))
-  pconfig.update(dict(total_steps=2, checkpoint_every=2, eval_every=0, log_every=1,
-                      batch_size=16, async_checkpoints=False))
-  loop.train(pconfig, str(tmp_path / "prior"))
+  train_prior_and_decoder(tiny_clip, tmp_path)
   stages = ["--prior", str(tmp_path / "prior"), "--decoder", str(tmp_path / "decoder"),
             "--prior_steps", "3", "--decoder_steps", "3", "--seed", "1"]
   img = np.zeros((16, 16, 3), np.uint8) + np.asarray([220, 30, 30], np.uint8)

@@ -13,7 +13,7 @@ from dalle_jax import parallel
 from dalle_jax.configs import unclip as unclip_configs
 from dalle_jax.sampling import unclip as unclip_sampling
 from dalle_jax.tasks import diffusion as diffusion_task
-from tests.test_unclip_decoder import decoder_config, tiny_clip  # pylint: disable=unused-import
+from tests.test_unclip_decoder import tiny_clip, train_prior_and_decoder  # pylint: disable=unused-import
 
 count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -127,19 +127,8 @@ def test_three_trained_stages_through_the_cli(tiny_clip, tmp_path):
   unclip --prior P --decoder D --super_res S`: text -> image and variations come out at the
   SR stage's 32 px, and an edit keeps its kept region exactly at 32 px."""
   from PIL import Image
-  from dalle_jax.tools import embed
   from dalle_jax.train import loop
-  dconfig = decoder_config(tmp_path, tiny_clip)
-  loop.train(dconfig, str(tmp_path / "decoder"))
-  records = str(tmp_path / "shapes_clip")
-  embed.main(["--clip", tiny_clip, "--dataset", dconfig.data.dataset, "--data_dir",
-              dconfig.data.data_dir, "--out", records])
-  pconfig = unclip_configs.get_config("shapes")
-  pconfig.data.dataset = records
-  pconfig.model.update(dict(embed_dim=24, text_dim=32, num_layers=1, num_heads=2, head_dim=16))
-  pconfig.update(dict(total_steps=2, checkpoint_every=2, eval_every=0, log_every=1,
-                      batch_size=16, async_checkpoints=False))
-  loop.train(pconfig, str(tmp_path / "prior"))
+  dconfig = train_prior_and_decoder(tiny_clip, tmp_path)
   sconfig = unclip_configs.get_config("shapes_sr32")
   sconfig.data.update(dict(data_dir=dconfig.data.data_dir, dataset=dconfig.data.dataset))
   sconfig.model.unet.update(dict(block_channels=(16, 32), attention=("none", "none"),
