@@ -42,12 +42,15 @@ def _karlo_super_res_count():
 def test_sr_presets_abstractly():
   """Karlo's 64 -> 256 stage has exactly diffusers' parameter count; DALL·E 2's two
   upsamplers (Table 3: ~700M and ~300M) are near the paper's sizes. All are unconditional,
-  convolution-only, blur-augmented and without a level embedding."""
+  convolution-only, blur-augmented (the 1024 px stage: BSR-degraded, appendix C) and without
+  a level embedding."""
   sizes = {}
   for name in unclip_configs.SR_PRESETS:
     c = unclip_configs.get_config(name)
     assert c.family == "diffusion" and c.model.conditioning == "none"
-    assert c.cascade.blur and c.cascade.max_noise_level == 0 and c.cascade.level_embed == ""
+    assert c.cascade.max_noise_level == 0 and c.cascade.level_embed == ""
+    assert (c.cascade.bsr, c.cascade.blur) == ((True, False) if name == "unclip_sr1024"
+                                               else (False, True))
     u = c.model.unet
     assert set(u.attention) == {"none"} and u.mid_attention == "none"
     assert not u.extra_embeds and u.low_res_channels == 3

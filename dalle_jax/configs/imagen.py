@@ -94,6 +94,9 @@ Keys beyond configs/diffusion.py:
                            max_noise_level must be 0: unCLIP's blur-only upsamplers)
   cascade.blur             blur the low-res image in training (unCLIP), sigma ~
                            U[cascade.blur_sigma), cascade.blur_size taps
+  cascade.bsr              instead of the blur: BSR degradation of the low-res image in
+                           training (random blurs, resize method, noise, JPEG; DALL·E 2's
+                           256 -> 1024 upsampler; dalle_jax/diffusion/degradation.py)
   data.crop_size           train on crop_size windows (attention-free U-Nets only; the low-res
                            input from the crop; sampling stays at image_size): 0 = whole images
 """
@@ -123,7 +126,8 @@ T5_XXL_WIDTH = 4096
 T5_XXL_CHECKPOINT = "ckpt/t5_v1_1_xxl"  # python -m dalle_jax.tools.convert hf_t5 --out this
 
 
-def cascade_config(max_noise_level=1000, noise_level=250, blur=False, level_embed=LEVEL_EMBED):
+def cascade_config(max_noise_level=1000, noise_level=250, blur=False, level_embed=LEVEL_EMBED,
+                   bsr=False):
   c = ml_collections.ConfigDict()
   c.noise_schedule = "squaredcos_cap_v2"
   c.noise_timesteps = 1000
@@ -133,6 +137,7 @@ def cascade_config(max_noise_level=1000, noise_level=250, blur=False, level_embe
   c.blur = blur
   c.blur_sigma = (0.4, 0.6)
   c.blur_size = 3
+  c.bsr = bsr
   return c
 
 

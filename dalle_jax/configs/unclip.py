@@ -80,7 +80,8 @@ diffusion.image_drop_prob = 0.1, as DALL·E 2 section 2.1):
 
 Super-resolution presets (the diffusion task's SR stage, configs/imagen.py's keys, as unCLIP
 trains its upsamplers: unconditional, convolution-only ADM U-Nets, the low-res image blurred
-in training (cascade.blur) and not noised, so the U-Net has no level embedding):
+(cascade.blur; the 1024 px stage: BSR-degraded, cascade.bsr) in training and not noised, so
+the U-Net has no level embedding):
   shapes_sr32   16 -> 32 px on the decoder's output (the shapes U-Net without attention,
           x0-prediction, 1.13M parameters), 300 steps of 32:
             python train.py --config configs/unclip.py:shapes_sr32 --workdir demo/unclip_sr32
@@ -102,8 +103,10 @@ in training (cascade.blur) and not noised, so the U-Net has no level embedding):
   unclip_sr256    DALL·E 2's 64 -> 256 upsampler (Table 3: 320 x (1, 2, 3, 4), depth 3,
           ~700M; here 729.7M), linear schedule, 27 DDIM steps, batch 1024, lr 1.2e-4.
   unclip_sr1024   256 -> 1024 (192 x (1, 1, 2, 2, 4, 4), depth 2, ~300M; here 282.1M),
-          15 DDIM steps, batch 512, lr 1e-4. The paper degrades its input with BSR
-          degradation; this preset blurs it as the first stage does.
+          15 DDIM steps, batch 512, lr 1e-4. Its low-res input is BSR-degraded in
+          training as the paper's (cascade.bsr: random isotropic/anisotropic blurs before
+          and after a random-method downsample, Gaussian noise, JPEG at quality 30-95;
+          dalle_jax/diffusion/degradation.py) instead of blurred.
   karlo_sr256     Karlo's super_res_first (config.json: the same layout with the time
           embedding added, no scale-shift): diffusers' UNet2DModel parameter count exactly
           (tests/test_unclip_sr.py); UnCLIPScheduler, 7 steps. Karlo's checkpoint has a
@@ -251,6 +254,8 @@ def sr_config(name):
   else:  # unclip_sr1024
     c.data.image_size, c.model.low_res_size = 1024, 256
     c.data.crop_size = 256  # trains on 256 px crops (Table 3: crop fraction 0.25)
+    # appendix C: "a more diverse BSR degradation" for the second upsampler
+    c.cascade.blur, c.cascade.bsr = False, True
     c.model.unet = diffusion_configs.unet_config(**UNCLIP_SR1024_UNET)
     c.batch_size = 512
     c.optimizer.learning_rate = 1.0e-4

@@ -6,6 +6,7 @@ samplers   DDPM, DDIM, DPM-Solver++(2M), UnCLIP as one compiled loop each; thres
            inpainting by replacement (known_x0 / known_mask)
 guidance   classifier-free guidance in one batched pass; condition dropout
 cascade    super-resolution conditioning: noise-conditioning augmentation, blur augmentation
+degradation  BSR-style degradation of an upsampler's input (blurs, resize, noise, JPEG)
 interpolation  slerp of embeddings and x_T (unCLIP's interpolations)
 
 Shapes (all modules): B batch, H height, W width, C image channels, T train timesteps, K steps.

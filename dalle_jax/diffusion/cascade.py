@@ -14,8 +14,10 @@ is unCLIP's resize of the low-res image to the stage's size.
 
 `LowResConditioning` puts these together for a stage trained here: the full-size
 image is downsampled to the stage's input size (`downsample`, antialiased
-bicubic), blurred (training only, when switched on), upsampled back (bicubic),
-and noised at a random level in training or at a fixed level when sampling.
+bicubic), blurred (training only, when switched on) or, instead of both, put through
+the BSR degradation (diffusion/degradation.py; DALL·E 2's second upsampler), upsampled
+back (bicubic), and noised at a random level in training or at a fixed level when
+sampling.
 
 Shapes: B batch, H height, W width, C channels, K blur taps, h/w low-res size.
 """
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dalle_jax.diffusion import degradation as degradation_lib
 from dalle_jax.diffusion import gaussian
 from dalle_jax.diffusion.schedule import SchedulerConfig
 
@@ -130,12 +133,14 @@ class LowResConditioning:
     crop_conditioning): each crop is its own low-res input, as the full image is at sampling.
   noise: the augmentation (None = the clean upsampled image, level 0).
   blur: blur the low-res image in training (unCLIP), sigma ~ U[blur_sigma), blur_size taps.
+  bsr: a BsrDegradation making the low-res image in training (None: downsample + blur).
   """
   low_res_size: int
   noise: "NoiseAugmentation | None" = None
   blur: bool = False
   blur_sigma: Tuple[float, float] = (0.4, 0.6)
   blur_size: int = 3
+  bsr: "degradation_lib.BsrDegradation | None" = None
 
   def low_res(self, x_bhwc):
     """Full-size images -> the stage's (B, h, h, C) input."""
@@ -154,7 +159,9 @@ class LowResConditioning:
     level drawn per example (0 without noise augmentation)."""
     k_blur, k_noise = jax.random.split(rng)
     lr = self.low_res(x_bhwc)
-    if self.blur:
+    if self.bsr is not None:  # (the plain downsample above checked the size)
+      lr = self.bsr(k_blur, x_bhwc, self.low_res_size)
+    elif self.blur:
       lr = random_blur(k_blur, lr, tuple(self.blur_sigma), self.blur_size)
     up = upsample_bicubic(lr, x_bhwc.shape[1:3])
     if self.noise is None:

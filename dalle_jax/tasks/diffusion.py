@@ -22,7 +22,8 @@ blank caption's states (`null_text`: caption dropout and guidance), read with th
 Super-resolution stage (Imagen / IF stage II / unCLIP's upsamplers) when
 `config.model.low_res_size` > 0: the U-Net also sees a low-resolution version of
 the image, made inside the step from the batch's full-size image (no other data
-format): downsampled to low_res_size, optionally blurred (`config.cascade.blur`),
+format): downsampled to low_res_size, optionally blurred (`config.cascade.blur`) or
+BSR-degraded (`config.cascade.bsr`: random blurs, resize method, noise, JPEG),
 upsampled back bicubically and noised at a random level of the augmentation
 schedule (noise-conditioning augmentation, `config.cascade.max_noise_level` > 0);
 the level is the U-Net's extra embedding `config.cascade.level_embed` ("" = none:
@@ -63,6 +64,7 @@ from dalle_jax.data import images as images_lib
 from dalle_jax.data import pipeline
 from dalle_jax.data import records
 from dalle_jax.diffusion import cascade as cascade_lib
+from dalle_jax.diffusion import degradation as degradation_lib
 from dalle_jax.diffusion import gaussian
 from dalle_jax.diffusion import guidance as guidance_lib
 from dalle_jax.diffusion import inpaint as inpaint_lib
@@ -116,8 +118,17 @@ def low_res_conditioning(config):
     aug = schedule_lib.SchedulerConfig(beta_schedule=c.noise_schedule,
                                        num_train_timesteps=int(c.noise_timesteps))
     noise = cascade_lib.NoiseAugmentation(aug, max_level=int(c.max_noise_level))
+  bsr = None
+  if c.get("bsr", False):  # DALL·E 2's 256 -> 1024 upsampler
+    if c.blur:
+      raise ValueError("config.cascade.bsr and config.cascade.blur are alternatives: the BSR "
+                       "degradation blurs its input itself")
+    bsr = degradation_lib.BsrDegradation()
+    if size <= bsr.blur_size // 2:
+      raise ValueError(f"config.model.low_res_size={size} is too small for config.cascade.bsr "
+                       f"(its {bsr.blur_size}-tap blur needs > {bsr.blur_size // 2})")
   return cascade_lib.LowResConditioning(size, noise, bool(c.blur), tuple(c.blur_sigma),
-                                        int(c.blur_size))
+                                        int(c.blur_size), bsr)
 
 
 def crop_conditioning(config, sr):
@@ -156,6 +167,9 @@ def crop_conditioning(config, sr):
   if sr.blur and low <= sr.blur_size // 2:
     raise ValueError(f"config.data.crop_size={crop}: the crop's low-res side {low} is too "
                      f"small for config.cascade.blur_size={sr.blur_size}")
+  if sr.bsr is not None and low <= sr.bsr.blur_size // 2:
+    raise ValueError(f"config.data.crop_size={crop}: the crop's low-res side {low} is too "
+                     f"small for config.cascade.bsr's {sr.bsr.blur_size}-tap blur")
   return dataclasses.replace(sr, low_res_size=low)
 
 
