@@ -98,7 +98,7 @@ def _quantise_blocks(p_bhwc, table_bkkc):
 
 def jpeg(x_bhwc, quality, subsample=True):
   """JPEG compression + decompression of images in [-1, 1]: quality (B,) -> (B, H, W, 3)
-  in [-1, 1] on the 8-bit grid. subsample: 4:2:0 chroma (PIL's default below quality 95),
+  in [-1, 1] on the 8-bit grid. subsample: 4:2:0 chroma (libjpeg's and PIL's default),
   else 4:4:4."""
   if x_bhwc.shape[-1] != 3:
     raise ValueError(f"jpeg takes RGB images (B, H, W, 3), got shape {x_bhwc.shape}")
