@@ -142,11 +142,14 @@ class LowResConditioning:
   blur_size: int = 3
   bsr: "degradation_lib.BsrDegradation | None" = None
 
-  def low_res(self, x_bhwc):
-    """Full-size images -> the stage's (B, h, h, C) input."""
+  def _check_full(self, x_bhwc):
     if x_bhwc.shape[1] < self.low_res_size or x_bhwc.shape[2] < self.low_res_size:
       raise ValueError(f"image {x_bhwc.shape[1:3]} is smaller than the stage's low-res input "
                        f"size {self.low_res_size}")
+
+  def low_res(self, x_bhwc):
+    """Full-size images -> the stage's (B, h, h, C) input."""
+    self._check_full(x_bhwc)
     return downsample(x_bhwc, self.low_res_size)
 
   def _check(self, low_res_bhwc):
@@ -158,11 +161,13 @@ class LowResConditioning:
     """Training: full-size x -> (conditioning image (B, H, W, C), level (B,) int32), the
     level drawn per example (0 without noise augmentation)."""
     k_blur, k_noise = jax.random.split(rng)
-    lr = self.low_res(x_bhwc)
-    if self.bsr is not None:  # (the plain downsample above checked the size)
+    if self.bsr is not None:  # it downsamples (with a random method) itself
+      self._check_full(x_bhwc)
       lr = self.bsr(k_blur, x_bhwc, self.low_res_size)
-    elif self.blur:
-      lr = random_blur(k_blur, lr, tuple(self.blur_sigma), self.blur_size)
+    else:
+      lr = self.low_res(x_bhwc)
+      if self.blur:
+        lr = random_blur(k_blur, lr, tuple(self.blur_sigma), self.blur_size)
     up = upsample_bicubic(lr, x_bhwc.shape[1:3])
     if self.noise is None:
       return up, jnp.zeros((x_bhwc.shape[0],), jnp.int32)

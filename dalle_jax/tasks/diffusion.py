@@ -124,11 +124,20 @@ def low_res_conditioning(config):
       raise ValueError("config.cascade.bsr and config.cascade.blur are alternatives: the BSR "
                        "degradation blurs its input itself")
     bsr = degradation_lib.BsrDegradation()
-    if size <= bsr.blur_size // 2:
-      raise ValueError(f"config.model.low_res_size={size} is too small for config.cascade.bsr "
-                       f"(its {bsr.blur_size}-tap blur needs > {bsr.blur_size // 2})")
-  return cascade_lib.LowResConditioning(size, noise, bool(c.blur), tuple(c.blur_sigma),
-                                        int(c.blur_size), bsr)
+  sr = cascade_lib.LowResConditioning(size, noise, bool(c.blur), tuple(c.blur_sigma),
+                                      int(c.blur_size), bsr)
+  _check_blur_fits(sr, size, f"config.model.low_res_size={size}")
+  return sr
+
+
+def _check_blur_fits(sr, low, what):
+  """The training blurs' mirrored borders fit a low-res side `low` (`what` names it)."""
+  blurs = [(sr.blur_size, f"config.cascade.blur_size={sr.blur_size}")] if sr.blur else []
+  if sr.bsr is not None:
+    blurs.append((sr.bsr.blur_size, f"config.cascade.bsr's {sr.bsr.blur_size}-tap blur"))
+  for taps, key in blurs:
+    if low <= taps // 2:
+      raise ValueError(f"{what} is too small for {key}")
 
 
 def crop_conditioning(config, sr):
@@ -164,12 +173,7 @@ def crop_conditioning(config, sr):
                      f"{sr.low_res_size} must be divisible by config.data.image_size="
                      f"{image_size} (the crop's low-res side)")
   low = crop * sr.low_res_size // image_size
-  if sr.blur and low <= sr.blur_size // 2:
-    raise ValueError(f"config.data.crop_size={crop}: the crop's low-res side {low} is too "
-                     f"small for config.cascade.blur_size={sr.blur_size}")
-  if sr.bsr is not None and low <= sr.bsr.blur_size // 2:
-    raise ValueError(f"config.data.crop_size={crop}: the crop's low-res side {low} is too "
-                     f"small for config.cascade.bsr's {sr.bsr.blur_size}-tap blur")
+  _check_blur_fits(sr, low, f"config.data.crop_size={crop}: the crop's low-res side {low}")
   return dataclasses.replace(sr, low_res_size=low)
 
 
